@@ -1,0 +1,390 @@
+"""Settings: one frozen dataclass, built from flags > environment > TOML file > defaults.
+
+Every setting is declared once, in `Settings`, with its environment variable,
+help text and bounds in the field's metadata. The CLI builds its flags from the
+same declarations, so `--help`, the env vars and `genworker config` never drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_CONFIG_FILE = Path("/etc/genworker/genworker.toml")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message is one line that says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    images: int
+    priority: int  # lower is served first
+
+
+DEFAULT_PLANS: tuple[Plan, ...] = (
+    Plan("free", 2, 0),
+    Plan("start", 30, 1),
+    Plan("pro", 70, 2),
+)
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    env: str | None = None,
+    secret: bool = False,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    cmds: str = "*",
+) -> Any:
+    """Declare a setting. `cmds` names the sub-commands that take it as a flag ("*": all)."""
+    meta = {"help": help, "env": env, "secret": secret, "lo": lo, "hi": hi, "choices": choices}
+    meta["cmds"] = cmds
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_DB = "start,submit,status,tasks,show,cancel,retry,migrate,prune,config,demo"
+_RUN = "start,demo,config"
+_API = "start,demo,config"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where things are
+    database_url: str | None = _opt(
+        None,
+        "PostgreSQL DSN; unset means the embedded server in --data-dir",
+        env="DATABASE_URL",
+        secret=True,
+        cmds=_DB,
+    )
+    data_dir: Path | None = _opt(
+        None,
+        "private state: embedded PostgreSQL, default results (default $XDG_DATA_HOME/genworker)",
+        cmds=_DB,
+    )
+    config_file: Path | None = _opt(
+        None, "TOML settings file (default /etc/genworker/genworker.toml when present)", env=None
+    )
+    # --- the node and its workers
+    node_id: str | None = _opt(
+        None, "this supervisor's id in the nodes table (default host-pid)", cmds=_RUN
+    )
+    workers: int = _opt(8, "worker processes", lo=1, hi=256, cmds=_RUN)
+    concurrency: int = _opt(5, "API calls in flight per worker (upper bound)", lo=1, hi=256, cmds=_RUN)
+    lease_s: float = _opt(30.0, "lease on a claimed job; renewed every lease/3", lo=1, hi=3600, cmds=_RUN)
+    poll_interval_s: float = _opt(
+        1.0, "poll for work this often when no NOTIFY arrives", lo=0.01, hi=60, cmds=_RUN
+    )
+    claim_batch: int = _opt(100, "most jobs claimed in one statement", lo=1, hi=10000, cmds=_RUN)
+    prefetch: float = _opt(
+        1.0, "local buffer, as a multiple of the free slots", lo=0, hi=10, cmds=_RUN
+    )
+    graceful_timeout_s: float = _opt(
+        30.0, "on TERM, how long in-flight jobs may finish", lo=0, hi=86400, cmds=_RUN
+    )
+    worker_timeout_s: float = _opt(
+        30.0, "kill a worker whose heartbeat is older than this", lo=1, hi=3600, cmds=_RUN
+    )
+    max_jobs_per_worker: int = _opt(
+        0, "recycle a worker after about this many jobs (0: never)", lo=0, cmds=_RUN
+    )
+    max_worker_memory_mb: int = _opt(
+        0, "recycle a worker whose RSS passes this (0: never)", lo=0, cmds=_RUN
+    )
+    max_worker_deaths: int = _opt(
+        3, "a job in flight in this many worker deaths goes dead", lo=1, hi=100, cmds=_RUN
+    )
+    # --- the queue
+    plans: tuple[Plan, ...] = _opt(
+        DEFAULT_PLANS,
+        "plans as name=images:priority,... (lower priority is served first)",
+        cmds="start,submit,config,demo",
+    )
+    max_attempts: int = _opt(5, "attempts before a job goes dead", lo=1, hi=100, cmds="start,submit,config")
+    max_prompt_chars: int = _opt(4000, "longest prompt accepted", lo=1, hi=1_000_000, cmds="submit,config")
+    retry_base_s: float = _opt(1.0, "first retry backoff (doubles, full jitter)", lo=0, hi=3600, cmds=_RUN)
+    retry_max_s: float = _opt(300.0, "longest retry backoff", lo=0, hi=86400, cmds=_RUN)
+    snooze_max_s: float = _opt(
+        3600.0, "rate-limit snoozes stop after this long in total; the job then goes dead",
+        lo=1, hi=7 * 86400, cmds=_RUN,
+    )
+    priority_step_s: float = _opt(
+        600.0,
+        "aging: seconds of waiting one plan-priority level is worth",
+        lo=0, hi=30 * 86400, cmds="start,migrate,config,demo",
+    )
+    retention_s: float = _opt(
+        7 * 86400.0, "prune finished tasks older than this", lo=0, cmds="start,prune,config"
+    )
+    db_pool_size: int = _opt(4, "supervisor DB connections (besides the listener)", lo=1, hi=100, cmds=_RUN)
+    db_pool_timeout_s: float = _opt(
+        10.0, "fail fast when no DB connection frees up within this", lo=0.1, hi=600, cmds=_RUN
+    )
+    # --- the image API
+    api_url: str | None = _opt(
+        None, "OpenAI-compatible API base URL; unset runs the simulated API", cmds=_API
+    )
+    api_key: str | None = _opt(None, "API key (prefer GENWORKER_API_KEY or --api-key-file)", secret=True, cmds=_API)
+    api_key_file: Path | None = _opt(None, "file holding the API key", cmds=_API)
+    model: str = _opt("gpt-image-1", "image model", cmds="start,submit,config,demo")
+    size: str = _opt("1024x1024", "image size WxH", cmds="start,submit,config,demo")
+    response_format: str = _opt("b64_json", "b64_json or url", choices=("b64_json", "url"), cmds=_API)
+    connect_timeout_s: float = _opt(10.0, "API connect timeout", lo=0.1, hi=600, cmds=_API)
+    request_timeout_s: float = _opt(180.0, "API request timeout", lo=0.1, hi=3600, cmds=_API)
+    api_rps: float | None = _opt(None, "API requests per second for the whole cluster", lo=0.01, cmds=_API)
+    api_max_inflight: int | None = _opt(None, "API calls in flight for the whole cluster", lo=1, cmds=_API)
+    output_dir: Path | None = _opt(None, "where image files go (default DATA_DIR/results)", cmds=_API)
+    fetch_urls: bool = _opt(False, "download url results and keep them like b64 ones", cmds=_API)
+    cache: str | None = _opt(None, "result cache: postgres or redis://host:port/db (off when unset)", cmds=_API)
+    cache_ttl_s: float = _opt(86400.0, "how long cached results stay valid", lo=1, cmds=_API)
+    handlers: tuple[str, ...] = _opt((), "extra job kinds as kind=pkg.module:func,...", cmds=_API)
+    # --- operations
+    http: str = _opt("127.0.0.1:9464", "metrics/health address host:port ('' disables)", cmds=_RUN)
+    log_format: str = _opt("human", "log lines: human or json", choices=("human", "json"), cmds=_RUN)
+    log_level: str = _opt(
+        "info", "log level", choices=("debug", "info", "warning", "error"), cmds=_RUN
+    )
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def plan_map(self) -> dict[str, Plan]:
+        return {p.name: p for p in self.plans}
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+        return Path(base) / "genworker"
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return self.output_dir or self.resolved_data_dir / "results"
+
+    @property
+    def resolved_node_id(self) -> str:
+        return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.read_text().strip() or None
+            except OSError as e:
+                raise ConfigError(f"cannot read --api-key-file {self.api_key_file}: {e.strerror}") from None
+        return None
+
+    def with_(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+# -------------------------------------------------------------------- sources
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(name: str) -> str:
+    """The environment variable behind a setting."""
+    return FIELDS[name].metadata.get("env") or f"GENWORKER_{name.upper()}"
+
+
+def mask_dsn(dsn: str) -> str:
+    """A DSN fit to print: the password replaced by ***."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable DSN>"
+    if parts.password is None:
+        return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def display_value(name: str, value: Any) -> str:
+    """A value fit to print: secrets masked."""
+    if value is None:
+        return ""
+    if name == "database_url":
+        return mask_dsn(str(value))
+    if FIELDS[name].metadata.get("secret"):
+        return "***"
+    if name == "plans":
+        return format_plans(value)
+    if name == "handlers":
+        return ",".join(value)
+    return str(value)
+
+
+def format_plans(plans: tuple[Plan, ...]) -> str:
+    return ",".join(f"{p.name}={p.images}:{p.priority}" for p in plans)
+
+
+_PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def parse_plans(text: str) -> tuple[Plan, ...]:
+    plans = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = re.fullmatch(r"([^=]+)=(\d+)(?::(-?\d+))?", item)
+        if not m:
+            raise ConfigError(f"bad plan {item!r}: write name=images:priority, e.g. pro=70:2")
+        plans.append(Plan(m[1].strip(), int(m[2]), int(m[3] or 0)))
+    return _check_plans(plans)
+
+
+def _check_plans(plans: list[Plan]) -> tuple[Plan, ...]:
+    if not plans:
+        raise ConfigError("plans: at least one plan is needed")
+    names = set()
+    for p in plans:
+        if not _PLAN_NAME.match(p.name):
+            raise ConfigError(f"bad plan name {p.name!r}: use lowercase letters, digits, - and _")
+        if not 1 <= p.images <= 10000:
+            raise ConfigError(f"plan {p.name}: images must be 1..10000, got {p.images}")
+        if p.name in names:
+            raise ConfigError(f"plan {p.name} is defined twice")
+        names.add(p.name)
+    return tuple(plans)
+
+
+def _convert(name: str, raw: Any, source: str) -> Any:
+    """Turn a raw value (string from env/flag, or TOML value) into the field's type."""
+    f = FIELDS[name]
+    typ = str(f.type)
+    where = f"{source} {name}" if source != "flag" else f"--{name.replace('_', '-')}"
+    try:
+        if name == "plans":
+            if isinstance(raw, Mapping):  # TOML: [plans.pro] images = 70, priority = 2
+                return _check_plans(
+                    [Plan(k, int(v["images"]), int(v.get("priority", 0))) for k, v in raw.items()]
+                )
+            return parse_plans(str(raw))
+        if name == "handlers":
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return tuple(s.strip() for s in items if s.strip())
+        if raw is None or (isinstance(raw, str) and raw == "" and "None" in typ):
+            return None
+        if typ.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            s = str(raw).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if typ.startswith("int"):
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            value: Any = int(raw)
+        elif typ.startswith("float"):
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(raw)
+        elif typ.startswith("Path"):
+            value = Path(str(raw)).expanduser()
+        else:
+            value = str(raw)
+    except (TypeError, ValueError, KeyError):
+        kind = typ.split(" ")[0].split("|")[0]
+        raise ConfigError(f"{where}: expected {kind}, got {raw!r}") from None
+    lo, hi, choices = f.metadata["lo"], f.metadata["hi"], f.metadata["choices"]
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: must be at least {lo:g}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: must be at most {hi:g}, got {value!r}")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+    if isinstance(value, str) and "\x00" in value:
+        raise ConfigError(f"{where}: contains a NUL byte")
+    return value
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not valid UTF-8") from None
+    unknown = sorted(set(data) - set(FIELDS) - {"config_file"})
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
+    return data
+
+
+def build(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """Settings from flags > env > file > defaults, and where each value came from."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    cfg_path = flags.get("config_file") or environ.get("GENWORKER_CONFIG_FILE")
+    file_values: dict[str, Any] = {}
+    if cfg_path:
+        file_values = load_file(Path(cfg_path))
+    elif DEFAULT_CONFIG_FILE.is_file():
+        cfg_path = DEFAULT_CONFIG_FILE
+        file_values = load_file(DEFAULT_CONFIG_FILE)
+
+    for name in FIELDS:
+        ev = env_name(name)
+        if name in flags:
+            values[name] = _convert(name, flags[name], "flag")
+            sources[name] = "flag"
+        elif ev in environ or (name == "database_url" and "GENWORKER_DATABASE_URL" in environ):
+            raw = environ.get(ev, environ.get("GENWORKER_DATABASE_URL"))
+            values[name] = _convert(name, raw, f"${ev}")
+            sources[name] = f"env {ev}"
+        elif name in file_values:
+            values[name] = _convert(name, file_values[name], f"{cfg_path}:")
+            sources[name] = f"file {cfg_path}"
+        else:
+            sources[name] = "default"
+    if cfg_path:
+        values["config_file"] = Path(cfg_path)
+    settings = Settings(**values)
+    if settings.database_url is not None:
+        check_dsn(settings.database_url)
+    return settings, sources
+
+
+def check_dsn(dsn: str) -> None:
+    """Reject a DSN psycopg cannot parse, with a message that never echoes the password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except Exception:  # psycopg raises ProgrammingError with the DSN inside; do not echo it
+        raise ConfigError(
+            f"DATABASE_URL is not a valid PostgreSQL DSN ({mask_dsn(dsn)}): "
+            "expected e.g. postgresql://user:password@host:5432/dbname"
+        ) from None

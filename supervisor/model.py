@@ -1,0 +1,100 @@
+"""The small vocabulary every layer shares: ids, statuses, a job as handed to a
+worker, and the outcome a worker sends back.
+
+Nothing here imports the database or the HTTP client, so both sides of a fork
+(and both layers: queue and API) can use it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple, NewType
+
+JobId = NewType("JobId", int)
+TaskId = NewType("TaskId", int)
+NodeId = NewType("NodeId", str)
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"  # runnable now
+    SCHEDULED = "scheduled"  # waiting for run_after (retry backoff, rate-limit snooze)
+    RUNNING = "running"  # claimed under a lease
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+class TaskStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every job succeeded
+    FAILED = "failed"  # finished, at least one job dead
+    CANCELLED = "cancelled"
+
+
+class OutcomeKind(enum.StrEnum):
+    OK = "ok"  # result stored, job succeeded
+    RETRY = "retry"  # transient failure: spends an attempt, backs off
+    SNOOZE = "snooze"  # rate limited: wait, without spending an attempt
+    DEAD = "dead"  # permanent failure: stop now
+
+
+class Job(NamedTuple):
+    """A claimed job as a worker sees it (crosses the process boundary)."""
+
+    job_id: int
+    token: int  # fencing token: the completion must present it
+    task_id: int
+    index: int  # position in its task (the image's variation index)
+    kind: str  # handler name: "image", "noop", or a user kind
+    params: dict[str, Any]  # the task's parameters (prompt, size, model ...)
+    attempt: int  # 1 for the first run
+
+
+class Outcome(NamedTuple):
+    """What a worker reports for one job."""
+
+    job_id: int
+    token: int
+    kind: OutcomeKind
+    result: dict[str, Any] | None = None
+    error: str | None = None  # short, never contains a secret
+    retry_after_s: float | None = None  # for RETRY/SNOOZE: not before this delay
+    alarm: str | None = None  # node-level condition raised by this outcome, e.g. "bad_api_key"
+    api_calls: int = 1
+
+
+class JobError(Exception):
+    """Base of the errors a handler raises to say how its job ended.
+
+    Handlers return a result dict on success and raise one of these otherwise;
+    any other exception is treated as a transient failure of that job.
+    """
+
+    outcome = OutcomeKind.RETRY
+
+    def __init__(
+        self, reason: str, *, retry_after_s: float | None = None, alarm: str | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.alarm = alarm
+
+
+class TransientError(JobError):
+    """Try again later, spending an attempt (5xx, timeout, connection reset)."""
+
+    outcome = OutcomeKind.RETRY
+
+
+class RateLimited(JobError):
+    """The provider said slow down: snooze without spending an attempt."""
+
+    outcome = OutcomeKind.SNOOZE
+
+
+class PermanentError(JobError):
+    """Retrying cannot help (400/404/422, bad key, no quota, garbage answer)."""
+
+    outcome = OutcomeKind.DEAD

@@ -1,0 +1,214 @@
+"""The job queue over PostgreSQL: claim, complete, release, leases, reaper, pruning.
+
+This is the supervisor's side (async, one pool). The rules live in the SQL
+functions of `sql/migrations`; this module batches calls to them and turns rows
+into `Job`s. It never imports the API client: the queue does not know what a
+job does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from . import sql
+from .model import Job, Outcome, OutcomeKind
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "genworker_jobs"
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
+    ceiling = min(max_s, base_s * (2.0 ** max(0, min(attempt - 1, 60))))
+    return (rng or random).uniform(0, ceiling)
+
+
+def retry_delay_s(
+    outcome: Outcome, attempt: int, base_s: float, max_s: float, rng: random.Random | None = None
+) -> float | None:
+    """How long a RETRY/SNOOZE outcome waits: the provider's Retry-After when it gave one
+    (capped), else backoff with jitter. None for outcomes that do not wait."""
+    if outcome.kind not in (OutcomeKind.RETRY, OutcomeKind.SNOOZE):
+        return None
+    if outcome.retry_after_s is not None:
+        return min(max(outcome.retry_after_s, 0.0), max(max_s, 1.0))
+    if outcome.kind is OutcomeKind.SNOOZE:
+        return (rng or random).uniform(0.5, 1.5) * max(base_s, 0.5)
+    return backoff_s(attempt, base_s, max_s, rng)
+
+
+def completion_params(outcomes: Sequence[Outcome], snooze_max_s: float) -> dict[str, Any]:
+    """Arrays for one `complete_jobs` call. Outcomes must already carry their delay."""
+    return {
+        "ids": [o.job_id for o in outcomes],
+        "tokens": [o.token for o in outcomes],
+        "kinds": [str(o.kind) for o in outcomes],
+        "results": [None if o.result is None else json.dumps(o.result) for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "delays": [o.retry_after_s for o in outcomes],
+        "snooze_max_s": snooze_max_s,
+    }
+
+
+@dataclass
+class Completed:
+    """What a batch completion did: the new status of each job that changed, and the
+    ids whose write was refused because the caller no longer owned them."""
+
+    applied: dict[int, str] = field(default_factory=dict)
+    stale: list[int] = field(default_factory=list)
+
+
+def _completed(requested: Iterable[int], rows: Iterable[tuple[int, str]]) -> Completed:
+    done = Completed(applied=dict(rows))
+    done.stale = [i for i in requested if i not in done.applied]
+    return done
+
+
+@dataclass(frozen=True)
+class Reaped:
+    requeued: int
+    dead_jobs: int
+    dead_nodes: int
+
+
+class Queue:
+    """Batched queue operations for one node, over an async connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, snooze_max_s: float = 3600.0) -> None:
+        self.pool = pool
+        self.snooze_max_s = snooze_max_s
+
+    async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(sql.query(name), params, prepare=True)
+            return await cur.fetchall()
+
+    async def claim(self, node: str, n: int, lease_s: float) -> list[Job]:
+        """Claim up to n runnable jobs, most urgent first."""
+        if n <= 0:
+            return []
+        rows = await self._rows("claim_jobs", {"node": node, "n": n, "lease_s": lease_s})
+        return [Job(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
+        """Write outcomes (each RETRY/SNOOZE with its delay in retry_after_s), fenced."""
+        if not outcomes:
+            return Completed()
+        params = completion_params(outcomes, self.snooze_max_s)
+        rows = await self._rows("complete_jobs", params)
+        return _completed(params["ids"], rows)
+
+    async def release(
+        self, held: Sequence[tuple[int, int]], reason: str | None = None, max_deaths: int = 3
+    ) -> Completed:
+        """Give back (job_id, token) pairs: buffered jobs (reason None) or a dead worker's."""
+        if not held:
+            return Completed()
+        ids = [h[0] for h in held]
+        rows = await self._rows(
+            "release_jobs",
+            {"ids": ids, "tokens": [h[1] for h in held], "reason": reason, "max_deaths": max_deaths},
+        )
+        return _completed(ids, rows)
+
+    async def release_node(self, node: str) -> int:
+        """Give back whatever a previous life of this node id still holds."""
+        return len(await self._rows("release_node", {"node": node}))
+
+    async def renew(self, node: str, lease_s: float) -> int:
+        rows = await self._rows("renew_leases", {"node": node, "lease_s": lease_s})
+        return int(rows[0][0])
+
+    async def register_node(
+        self, node: str, host: str, pid: int, workers: int, info: dict[str, Any]
+    ) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                sql.query("register_node"),
+                {"node": node, "host": host, "pid": pid, "workers": workers, "info": Jsonb(info)},
+            )
+
+    async def heartbeat(self, node: str, workers: int, info: dict[str, Any]) -> int:
+        """Mark the node alive; returns how many nodes are alive (this one included)."""
+        rows = await self._rows(
+            "heartbeat_node", {"node": node, "workers": workers, "info": Jsonb(info)}
+        )
+        return max(1, int(rows[0][0]))
+
+    async def stop_node(self, node: str) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(sql.query("stop_node"), {"node": node})
+
+    async def reap(self, node_stale_s: float, max_deaths: int = 3) -> Reaped:
+        rows = await self._rows("reap", {"node_stale_s": node_stale_s, "max_deaths": max_deaths})
+        return Reaped(*rows[0])
+
+    async def prune(self, older_than_s: float, limit: int = 500) -> int:
+        rows = await self._rows("prune", {"older_than_s": older_than_s, "limit": limit})
+        return int(rows[0][0])
+
+
+class Listener:
+    """LISTEN on one dedicated connection and set `wake` on every notification.
+
+    NOTIFY is only a hint: the consumer polls anyway, so a lost notification costs
+    at most one poll interval. Many notifications before the consumer wakes fold
+    into one wake-up (an Event, not a counter). The connection is health-checked
+    while idle and re-opened with backoff when it breaks.
+    """
+
+    def __init__(self, dsn: str, wake: asyncio.Event, *, check_every_s: float = 5.0) -> None:
+        self.dsn = dsn
+        self.wake = wake
+        self.check_every_s = check_every_s
+        self.connected = False
+        self.reconnects = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, application_name="genworker-listen"
+                )
+            except psycopg.OperationalError:
+                self.connected = False
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            try:
+                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self.connected = True
+                delay = 0.1
+                self.wake.set()  # whatever was sent while we were away
+                while not stop.is_set():
+                    async for _ in conn.notifies(timeout=self.check_every_s):
+                        self.wake.set()
+                        if stop.is_set():
+                            break
+                    await conn.execute("SELECT 1")  # a dead connection fails here
+            except psycopg.OperationalError as e:
+                log.warning("listen connection lost (%s); polling until it is back", type(e).__name__)
+                self.reconnects += 1
+            finally:
+                self.connected = False
+                await conn.close()
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

