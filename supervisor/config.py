@@ -200,9 +200,24 @@ class Settings:
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+_UNIT_SUFFIXES = ("_s", "_mb")
+_FLAG_RENAMES = {"handlers": "handler", "config_file": "config"}
+
+
+def flag_name(name: str) -> str:
+    """The CLI flag behind a setting: units are in the help, not the flag (--lease, not --lease-s)."""
+    base = _FLAG_RENAMES.get(name, name)
+    for suffix in _UNIT_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return "--" + base.replace("_", "-")
+
+
 def env_name(name: str) -> str:
-    """The environment variable behind a setting."""
-    return FIELDS[name].metadata.get("env") or f"GENWORKER_{name.upper()}"
+    """The environment variable behind a setting: GENWORKER_ + the flag's name."""
+    return FIELDS[name].metadata.get("env") or "GENWORKER_" + flag_name(name)[2:].replace(
+        "-", "_"
+    ).upper()
 
 
 def mask_dsn(dsn: str) -> str:
@@ -268,7 +283,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     """Turn a raw value (string from env/flag, or TOML value) into the field's type."""
     f = FIELDS[name]
     typ = str(f.type)
-    where = f"{source} {name}" if source != "flag" else f"--{name.replace('_', '-')}"
+    where = flag_name(name) if source == "flag" else f"{source} {name}"
     try:
         if name == "plans":
             if isinstance(raw, Mapping):  # TOML: [plans.pro] images = 70, priority = 2
@@ -347,7 +362,7 @@ def build(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
-    cfg_path = flags.get("config_file") or environ.get("GENWORKER_CONFIG_FILE")
+    cfg_path = flags.get("config_file") or environ.get(env_name("config_file"))
     file_values: dict[str, Any] = {}
     if cfg_path:
         file_values = load_file(Path(cfg_path))

@@ -1,0 +1,171 @@
+"""The `genworker` command: one sub-command per verb.
+
+Flags come from the `Settings` declarations (config.py), so every flag has a
+GENWORKER_* variable, shown in `--help`. Errors are one line on stderr: exit 2
+for usage (bad flag, bad input), 1 for runtime failures; `--debug` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .config import FIELDS, ConfigError, Settings, build, display_value, env_name, flag_name
+from .errors import GenworkerError, UsageError
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module:function, one-line help)
+    "start": ("supervisor.arbiter:cmd_start", "run the supervisor and its workers"),
+    "submit": ("supervisor.commands:cmd_submit", "submit a task"),
+    "status": ("supervisor.commands:cmd_status", "queue depth, nodes and workers at a glance"),
+    "tasks": ("supervisor.commands:cmd_tasks", "list recent tasks"),
+    "show": ("supervisor.commands:cmd_show", "show one task and its jobs"),
+    "cancel": ("supervisor.commands:cmd_cancel", "cancel a task"),
+    "retry": ("supervisor.commands:cmd_retry", "requeue a task's dead jobs"),
+    "migrate": ("supervisor.commands:cmd_migrate", "create or upgrade the database schema"),
+    "prune": ("supervisor.commands:cmd_prune", "delete finished tasks older than --retention"),
+    "config": ("supervisor.commands:cmd_config", "print the effective settings and their sources"),
+    "sim-api": ("supervisor.api.sim:cmd_sim_api", "run the simulated image API (for demos and tests)"),
+    "demo": ("supervisor.demo:cmd_demo", "replay the old system's busiest morning"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, like every usage error
+        sys.stderr.write(f"genworker: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _setting_help(name: str) -> str:
+    f = FIELDS[name]
+    default = display_value(name, f.default if not callable(f.default_factory) else f.default_factory())
+    tail = f"[${env_name(name)}" + (f"; default {default}]" if default else "]")
+    return f"{f.metadata['help']} {tail}"
+
+
+def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
+    group = parser.add_argument_group("settings (flag > environment > config file > default)")
+    for name, f in FIELDS.items():
+        cmds = f.metadata["cmds"]
+        if cmds != "*" and command not in cmds.split(","):
+            continue
+        kwargs: dict[str, Any] = {"dest": f"set_{name}", "default": None, "help": _setting_help(name)}
+        if str(f.type).startswith("bool"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = name.rsplit("_", 1)[0].upper() if name.endswith(("_s", "_mb")) else name.upper()
+        group.add_argument(flag_name(name), **kwargs)
+
+
+def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
+    json_help = "print one JSON document (see README: JSON output)"
+    if name == "submit":
+        p.add_argument("--plan", required=True, help="plan name, e.g. free, start, pro")
+        p.add_argument("--prompt", help="the image prompt")
+        p.add_argument("--params", help="more task parameters as a JSON object")
+        p.add_argument("--tenant", default="default", help="tenant (customer) id")
+        p.add_argument("--kind", default="image", help="job kind (default image; noop for benchmarks)")
+        p.add_argument("--key", dest="idempotency_key", help="idempotency key: a repeat returns the first task")
+        p.add_argument("--n", type=int, help="images (default: the plan's)")
+        p.add_argument("--wait", action="store_true", help="wait for the task; exit 1 unless it succeeded")
+        p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+        p.add_argument("--json", action="store_true", help=json_help)
+    elif name in ("show", "cancel", "retry"):
+        p.add_argument("task_id", type=int, metavar="TASK", help="task id")
+        p.add_argument("--json", action="store_true", help=json_help)
+    elif name == "tasks":
+        p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+        p.add_argument("--tenant")
+        p.add_argument("--limit", type=int, default=20)
+        p.add_argument("--json", action="store_true", help=json_help)
+    elif name == "status":
+        p.add_argument("--json", action="store_true", help=json_help)
+        p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    elif name == "config":
+        p.add_argument("--json", action="store_true", help=json_help)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="genworker",
+        description="Run API-bound generation jobs from a durable PostgreSQL queue.",
+        epilog="With no DATABASE_URL every command uses an embedded PostgreSQL in --data-dir.",
+    )
+    parser.add_argument("--version", action="version", version=f"genworker {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (_, help_text) in COMMANDS.items():
+        if name == "sim-api":
+            # its own flags (latency, faults ...) are parsed by the simulator itself
+            p = sub.add_parser(name, help=help_text, add_help=False)
+            p.add_argument("sim_args", nargs=argparse.REMAINDER)
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        _add_command_args(name, p)
+        _add_settings(p, name)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    return build(flags)
+
+
+def _load(target: str) -> Command:
+    import importlib
+
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    debug = bool(getattr(args, "debug", False))
+    try:
+        if args.command == "sim-api":
+            return _load(COMMANDS["sim-api"][0])(args, Settings())
+        settings, sources = settings_from_args(args)
+        args.sources = sources
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        return _load(COMMANDS[args.command][0])(args, settings)
+    except KeyboardInterrupt:
+        sys.stderr.write("genworker: interrupted\n")
+        return 130
+    except (ConfigError, UsageError, GenworkerError) as e:
+        if debug:
+            raise
+        code = 2 if isinstance(e, ConfigError) else e.exit_code
+        sys.stderr.write(f"genworker: error: {e}\n")
+        return code
+    except Exception as e:  # the last line of defence: one line, never a traceback by default
+        if debug:
+            raise
+        sys.stderr.write(
+            f"genworker: unexpected error: {type(e).__name__}: {str(e)[:200]} "
+            "(run with --debug for the traceback)\n"
+        )
+        return 1
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
