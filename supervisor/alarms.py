@@ -1,0 +1,244 @@
+"""Health conditions with hysteresis: the old system's alerts, as alarms the supervisor feeds.
+
+An alarm raises when its value goes above `raise_above` (for `min_duration_s`, if
+set) and clears only when the value drops below `clear_below`, so a value hovering
+at the threshold does not flap. Each change is one log line on `genworker.alarms`
+(WARNING when raised, INFO when cleared); `Alarms.active()` feeds /readyz,
+`genworker status` and the systemd STATUS line.
+
+Pure code: every call takes `now` (a monotonic clock reading), so tests inject time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger("genworker.alarms")
+
+
+def _plain(value: float) -> str:
+    return f"{value:g}"
+
+
+def _percent(value: float) -> str:
+    return f"{value * 100:.1f}%"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}s"
+
+
+def _per_minute(value: float) -> str:
+    return f"{value:g}/min"
+
+
+def format_duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A condition on one observed value. `expire_s`: a raised alarm also clears after
+    this long without an observation above `raise_above` (for event-driven alarms that
+    may stop getting observations, like a rejected API key)."""
+
+    name: str
+    title: str
+    raise_above: float
+    clear_below: float
+    min_duration_s: float = 0.0
+    expire_s: float | None = None
+    fmt: Callable[[float], str] = _plain
+    raise_text: str | None = None  # fixed reasons, for yes/no conditions
+    clear_text: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.clear_below > self.raise_above:
+            raise ValueError(f"alarm {self.name}: clear_below must not exceed raise_above")
+
+    def reason(self, value: float) -> str:
+        return self.raise_text or f"{self.title} {self.fmt(value)} > {self.fmt(self.raise_above)}"
+
+    def cleared(self, value: float) -> str:
+        return self.clear_text or f"{self.title} {self.fmt(value)}"
+
+
+def default_alarms(
+    *,
+    queue_depth: float = 50,
+    api_error_rate: float = 0.05,
+    db_wait_s: float = 5.0,
+    restarts_per_minute: float = 5,
+    bad_api_key_expire_s: float = 300.0,
+) -> list[Alarm]:
+    """The old system's alerts. What the supervisor feeds each one:
+
+    - queue_depth: tasks waiting to start (the old system counted tasks; in jobs one
+      Pro task alone is 70), for half a minute so one burst is not an alarm;
+    - api_error_rate: `ErrorRate.ratio` over the last minute (failed / all calls);
+    - db_wait: the longest DB pool wait in the last minute (`SlidingWindow.max`);
+    - worker_restarts: worker restarts in the last minute (`SlidingWindow.count`);
+    - bad_api_key: 1 on a 401/403 or insufficient_quota, 0 on the next success.
+    """
+    return [
+        Alarm("queue_depth", "queue depth", queue_depth, queue_depth * 0.8, min_duration_s=30),
+        Alarm("api_error_rate", "API error rate", api_error_rate, api_error_rate * 0.4,
+              fmt=_percent),
+        Alarm("db_wait", "DB connection wait", db_wait_s, db_wait_s * 0.2, fmt=_seconds),
+        Alarm("worker_restarts", "worker restarts", restarts_per_minute,
+              min(1, restarts_per_minute), fmt=_per_minute),
+        Alarm("bad_api_key", "API key", 0.5, 0.5, expire_s=bad_api_key_expire_s,
+              raise_text="the API rejected the key (401/403 or insufficient_quota)",
+              clear_text="an API call succeeded"),
+    ]  # fmt: skip
+
+
+@dataclass
+class _State:
+    active: bool = False
+    above_since: float | None = None  # when the value went above raise_above, while it stays
+    raised_at: float = 0.0
+    last_above: float = 0.0
+    reason: str = ""
+
+
+class Alarms:
+    """A set of alarms fed with observations; logs and returns one line per change."""
+
+    def __init__(self, alarms: Iterable[Alarm] | None = None, logger: logging.Logger = log) -> None:
+        self._alarms = {a.name: a for a in (default_alarms() if alarms is None else alarms)}
+        self._state = {name: _State() for name in self._alarms}
+        self._log = logger
+
+    def update(self, name: str, value: float, now: float, detail: str | None = None) -> str | None:
+        """Feed one observation; the log line when the alarm raised or cleared, else None.
+
+        `detail` replaces the generated reason (e.g. "401 from the API") when raising."""
+        alarm, st = self._alarms[name], self._state[name]
+        if value > alarm.raise_above and not math.isnan(value):
+            st.last_above = now
+            if st.above_since is None:
+                st.above_since = now
+            reason = detail or alarm.reason(value)
+            if st.active:
+                st.reason = reason  # keep the figure /readyz shows current
+                return None
+            if now - st.above_since < alarm.min_duration_s:
+                return None
+            st.active, st.raised_at, st.reason = True, now, reason
+            return self._emit(logging.WARNING, f"alarm {name} raised: {reason}")
+        st.above_since = None
+        if not st.active:
+            return None
+        if value < alarm.clear_below:
+            return self._clear(name, now, alarm.cleared(value))
+        if alarm.clear_below < alarm.raise_above:  # in the hysteresis band
+            st.reason = (
+                f"{alarm.title} {alarm.fmt(value)}, clears below {alarm.fmt(alarm.clear_below)}"
+            )
+        return None
+
+    def tick(self, now: float) -> list[str]:
+        """Clear the alarms whose `expire_s` ran out; call it every few seconds."""
+        lines = []
+        for name, alarm in self._alarms.items():
+            st = self._state[name]
+            if st.active and alarm.expire_s is not None and now - st.last_above >= alarm.expire_s:
+                quiet = format_duration(now - st.last_above)
+                lines.append(self._clear(name, now, f"no new occurrence for {quiet}"))
+        return lines
+
+    def _clear(self, name: str, now: float, why: str) -> str:
+        st = self._state[name]
+        lasted = format_duration(now - st.raised_at)
+        st.active, st.above_since, st.reason = False, None, ""
+        return self._emit(logging.INFO, f"alarm {name} cleared after {lasted}: {why}")
+
+    def _emit(self, level: int, line: str) -> str:
+        self._log.log(level, "%s", line)
+        return line
+
+    def active(self) -> dict[str, str]:
+        """Raised alarms and why, for /readyz and `genworker status`."""
+        return {name: st.reason for name, st in self._state.items() if st.active}
+
+    def states(self) -> dict[str, bool]:
+        """Every alarm, raised or not (for the genworker_alarm_active gauge)."""
+        return {name: st.active for name, st in self._state.items()}
+
+    def summary(self) -> str:
+        """One short phrase for the STATUS= line; empty when all is well."""
+        active = self.active()
+        return "ALARM " + "; ".join(active.values()) if active else ""
+
+
+# ------------------------------------------------------------ sliding windows
+
+
+class SlidingWindow:
+    """Values added over the last `window_s` seconds, kept in `resolution_s` buckets, so
+    memory stays bounded at any event rate (edges are exact to one bucket)."""
+
+    def __init__(self, window_s: float = 60.0, resolution_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self.resolution_s = resolution_s
+        self._buckets: deque[list[float]] = deque()  # [bucket number, count, sum, max]
+
+    def _expire(self, now: float) -> None:
+        oldest = math.floor((now - self.window_s) / self.resolution_s)
+        while self._buckets and self._buckets[0][0] <= oldest:
+            self._buckets.popleft()
+
+    def add(self, now: float, value: float = 1.0) -> None:
+        self._expire(now)
+        key = math.floor(now / self.resolution_s)
+        if self._buckets and self._buckets[-1][0] == key:
+            b = self._buckets[-1]
+            b[1] += 1
+            b[2] += value
+            b[3] = max(b[3], value)
+        else:
+            self._buckets.append([key, 1, value, value])
+
+    def count(self, now: float) -> int:
+        self._expire(now)
+        return int(sum(b[1] for b in self._buckets))
+
+    def sum(self, now: float) -> float:
+        self._expire(now)
+        return sum(b[2] for b in self._buckets)
+
+    def max(self, now: float) -> float:
+        """The largest value in the window; 0.0 when it is empty."""
+        self._expire(now)
+        return max((b[3] for b in self._buckets), default=0.0)
+
+
+class ErrorRate:
+    """Failed / all calls over a window. Below `min_calls` it reads 0: one failure in
+    two calls is not a 50 % outage."""
+
+    def __init__(self, window_s: float = 60.0, min_calls: int = 20) -> None:
+        self.min_calls = min_calls
+        self._calls = SlidingWindow(window_s)
+        self._errors = SlidingWindow(window_s)
+
+    def record(self, now: float, ok: bool) -> None:
+        self._calls.add(now)
+        if not ok:
+            self._errors.add(now)
+
+    def ratio(self, now: float) -> float:
+        calls = self._calls.count(now)
+        if calls < self.min_calls:
+            return 0.0
+        return self._errors.count(now) / calls
