@@ -23,7 +23,7 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:function, one-line help)
-    "start": ("supervisor.arbiter:cmd_start", "run the supervisor and its workers"),
+    "start": ("supervisor.start:cmd_start", "run the supervisor and its workers"),
     "submit": ("supervisor.commands:cmd_submit", "submit a task"),
     "status": ("supervisor.commands:cmd_status", "queue depth, nodes and workers at a glance"),
     "tasks": ("supervisor.commands:cmd_tasks", "list recent tasks"),
@@ -33,7 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("supervisor.commands:cmd_migrate", "create or upgrade the database schema"),
     "prune": ("supervisor.commands:cmd_prune", "delete finished tasks older than --retention"),
     "config": ("supervisor.commands:cmd_config", "print the effective settings and their sources"),
-    "sim-api": ("supervisor.api.sim:cmd_sim_api", "run the simulated image API (for demos and tests)"),
+    "sim-api": (
+        "supervisor.api.sim:cmd_sim_api",
+        "run the simulated image API (for demos and tests)",
+    ),
     "demo": ("supervisor.demo:cmd_demo", "replay the old system's busiest morning"),
 }
 
@@ -46,7 +49,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _setting_help(name: str) -> str:
     f = FIELDS[name]
-    default = display_value(name, f.default if not callable(f.default_factory) else f.default_factory())
+    default = display_value(
+        name, f.default if not callable(f.default_factory) else f.default_factory()
+    )
     tail = f"[${env_name(name)}" + (f"; default {default}]" if default else "]")
     return f"{f.metadata['help']} {tail}"
 
@@ -57,11 +62,17 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         cmds = f.metadata["cmds"]
         if cmds != "*" and command not in cmds.split(","):
             continue
-        kwargs: dict[str, Any] = {"dest": f"set_{name}", "default": None, "help": _setting_help(name)}
+        kwargs: dict[str, Any] = {
+            "dest": f"set_{name}",
+            "default": None,
+            "help": _setting_help(name),
+        }
         if str(f.type).startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["metavar"] = name.rsplit("_", 1)[0].upper() if name.endswith(("_s", "_mb")) else name.upper()
+            kwargs["metavar"] = (
+                name.rsplit("_", 1)[0].upper() if name.endswith(("_s", "_mb")) else name.upper()
+            )
         group.add_argument(flag_name(name), **kwargs)
 
 
@@ -72,17 +83,25 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--prompt", help="the image prompt")
         p.add_argument("--params", help="more task parameters as a JSON object")
         p.add_argument("--tenant", default="default", help="tenant (customer) id")
-        p.add_argument("--kind", default="image", help="job kind (default image; noop for benchmarks)")
-        p.add_argument("--key", dest="idempotency_key", help="idempotency key: a repeat returns the first task")
+        p.add_argument(
+            "--kind", default="image", help="job kind (default image; noop for benchmarks)"
+        )
+        p.add_argument(
+            "--key", dest="idempotency_key", help="idempotency key: a repeat returns the first task"
+        )
         p.add_argument("--n", type=int, help="images (default: the plan's)")
-        p.add_argument("--wait", action="store_true", help="wait for the task; exit 1 unless it succeeded")
+        p.add_argument(
+            "--wait", action="store_true", help="wait for the task; exit 1 unless it succeeded"
+        )
         p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
         p.add_argument("--json", action="store_true", help=json_help)
     elif name in ("show", "cancel", "retry"):
         p.add_argument("task_id", type=int, metavar="TASK", help="task id")
         p.add_argument("--json", action="store_true", help=json_help)
     elif name == "tasks":
-        p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+        p.add_argument(
+            "--status", choices=["queued", "running", "succeeded", "failed", "cancelled"]
+        )
         p.add_argument("--tenant")
         p.add_argument("--limit", type=int, default=20)
         p.add_argument("--json", action="store_true", help=json_help)

@@ -58,8 +58,13 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     with _open(settings) as conn:
         client = Client(conn=conn)
         task_id = client.submit(
-            args.plan, args.prompt, params=params, tenant=args.tenant, kind=args.kind,
-            idempotency_key=args.idempotency_key, n=args.n,
+            args.plan,
+            args.prompt,
+            params=params,
+            tenant=args.tenant,
+            kind=args.kind,
+            idempotency_key=args.idempotency_key,
+            n=args.n,
         )
         if not args.wait:
             info = client.get(task_id)
@@ -82,8 +87,11 @@ def _wait(client: Client, task_id: int, timeout: float | None, *, quiet: bool) -
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
     ) as bar:
         handle = bar.add_task(f"task {task_id}", total=None)
 
@@ -111,7 +119,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print_json(info.to_dict())
         return 0
     print(_one_line(info))
-    print(f"  plan {info.plan}, tenant {info.tenant}, kind {info.kind}, created {info.created_at:%Y-%m-%d %H:%M:%S}")
+    print(
+        f"  plan {info.plan}, tenant {info.tenant}, kind {info.kind}, "
+        f"created {info.created_at:%Y-%m-%d %H:%M:%S}"
+    )
     for j in info.jobs:
         what = j.error or (json.dumps(j.result) if j.result else "")
         print(f"  #{j.index:<4} {j.status:<10} attempts={j.attempts} {what[:100]}")
@@ -127,8 +138,10 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no tasks")
     for r in rows:
-        print(f"{r.id:>8} {r.status:<10} {r.plan:<8} {r.tenant:<16} "
-              f"{r.succeeded:>4}/{r.n_jobs:<4} {r.created_at:%Y-%m-%d %H:%M:%S}")
+        print(
+            f"{r.id:>8} {r.status:<10} {r.plan:<8} {r.tenant:<16} "
+            f"{r.succeeded:>4}/{r.n_jobs:<4} {r.created_at:%Y-%m-%d %H:%M:%S}"
+        )
     return 0
 
 
@@ -181,9 +194,15 @@ def status_document(conn: psycopg.Connection) -> dict[str, Any]:
         "tasks": {status: n for status, n in tasks},
         "nodes": [
             {
-                "id": r[0], "host": r[1], "pid": r[2], "status": r[3], "workers": r[4],
-                "started_at": r[5].isoformat(), "heartbeat_at": r[6].isoformat(),
-                "heartbeat_age_s": round(float(r[8]), 1), "info": r[7],
+                "id": r[0],
+                "host": r[1],
+                "pid": r[2],
+                "status": r[3],
+                "workers": r[4],
+                "started_at": r[5].isoformat(),
+                "heartbeat_at": r[6].isoformat(),
+                "heartbeat_age_s": round(float(r[8]), 1),
+                "info": r[7],
             }
             for r in nodes
         ],
@@ -210,8 +229,12 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     for name in FIELDS:
         value = getattr(settings, name)
         rows.append(
-            {"setting": name, "env": env_name(name), "value": display_value(name, value),
-             "source": args.sources.get(name, "default")}
+            {
+                "setting": name,
+                "env": env_name(name),
+                "value": display_value(name, value),
+                "source": args.sources.get(name, "default"),
+            }
         )
     if args.json:
         print_json({"settings": rows})

@@ -86,8 +86,12 @@ class Settings:
         None, "this supervisor's id in the nodes table (default host-pid)", cmds=_RUN
     )
     workers: int = _opt(8, "worker processes", lo=1, hi=256, cmds=_RUN)
-    concurrency: int = _opt(5, "API calls in flight per worker (upper bound)", lo=1, hi=256, cmds=_RUN)
-    lease_s: float = _opt(30.0, "lease on a claimed job; renewed every lease/3", lo=1, hi=3600, cmds=_RUN)
+    concurrency: int = _opt(
+        5, "API calls in flight per worker (upper bound)", lo=1, hi=256, cmds=_RUN
+    )
+    lease_s: float = _opt(
+        30.0, "lease on a claimed job; renewed every lease/3", lo=1, hi=3600, cmds=_RUN
+    )
     poll_interval_s: float = _opt(
         1.0, "poll for work this often when no NOTIFY arrives", lo=0.01, hi=60, cmds=_RUN
     )
@@ -116,23 +120,36 @@ class Settings:
         "plans as name=images:priority,... (lower priority is served first)",
         cmds="start,submit,config,demo",
     )
-    max_attempts: int = _opt(5, "attempts before a job goes dead", lo=1, hi=100, cmds="start,submit,config")
-    max_prompt_chars: int = _opt(4000, "longest prompt accepted", lo=1, hi=1_000_000, cmds="submit,config")
-    retry_base_s: float = _opt(1.0, "first retry backoff (doubles, full jitter)", lo=0, hi=3600, cmds=_RUN)
+    max_attempts: int = _opt(
+        5, "attempts before a job goes dead", lo=1, hi=100, cmds="start,submit,config"
+    )
+    max_prompt_chars: int = _opt(
+        4000, "longest prompt accepted", lo=1, hi=1_000_000, cmds="submit,config"
+    )
+    retry_base_s: float = _opt(
+        1.0, "first retry backoff (doubles, full jitter)", lo=0, hi=3600, cmds=_RUN
+    )
     retry_max_s: float = _opt(300.0, "longest retry backoff", lo=0, hi=86400, cmds=_RUN)
     snooze_max_s: float = _opt(
-        3600.0, "rate-limit snoozes stop after this long in total; the job then goes dead",
-        lo=1, hi=7 * 86400, cmds=_RUN,
+        3600.0,
+        "rate-limit snoozes stop after this long in total; the job then goes dead",
+        lo=1,
+        hi=7 * 86400,
+        cmds=_RUN,
     )
     priority_step_s: float = _opt(
         600.0,
         "aging: seconds of waiting one plan-priority level is worth",
-        lo=0, hi=30 * 86400, cmds="start,migrate,config,demo",
+        lo=0,
+        hi=30 * 86400,
+        cmds="start,migrate,config,demo",
     )
     retention_s: float = _opt(
         7 * 86400.0, "prune finished tasks older than this", lo=0, cmds="start,prune,config"
     )
-    db_pool_size: int = _opt(4, "supervisor DB connections (besides the listener)", lo=1, hi=100, cmds=_RUN)
+    db_pool_size: int = _opt(
+        4, "supervisor DB connections (besides the listener)", lo=1, hi=100, cmds=_RUN
+    )
     db_pool_timeout_s: float = _opt(
         10.0, "fail fast when no DB connection frees up within this", lo=0.1, hi=600, cmds=_RUN
     )
@@ -140,23 +157,37 @@ class Settings:
     api_url: str | None = _opt(
         None, "OpenAI-compatible API base URL; unset runs the simulated API", cmds=_API
     )
-    api_key: str | None = _opt(None, "API key (prefer GENWORKER_API_KEY or --api-key-file)", secret=True, cmds=_API)
+    api_key: str | None = _opt(
+        None, "API key (prefer GENWORKER_API_KEY or --api-key-file)", secret=True, cmds=_API
+    )
     api_key_file: Path | None = _opt(None, "file holding the API key", cmds=_API)
     model: str = _opt("gpt-image-1", "image model", cmds="start,submit,config,demo")
     size: str = _opt("1024x1024", "image size WxH", cmds="start,submit,config,demo")
-    response_format: str = _opt("b64_json", "b64_json or url", choices=("b64_json", "url"), cmds=_API)
+    response_format: str = _opt(
+        "b64_json", "b64_json or url", choices=("b64_json", "url"), cmds=_API
+    )
     connect_timeout_s: float = _opt(10.0, "API connect timeout", lo=0.1, hi=600, cmds=_API)
     request_timeout_s: float = _opt(180.0, "API request timeout", lo=0.1, hi=3600, cmds=_API)
-    api_rps: float | None = _opt(None, "API requests per second for the whole cluster", lo=0.01, cmds=_API)
-    api_max_inflight: int | None = _opt(None, "API calls in flight for the whole cluster", lo=1, cmds=_API)
-    output_dir: Path | None = _opt(None, "where image files go (default DATA_DIR/results)", cmds=_API)
+    api_rps: float | None = _opt(
+        None, "API requests per second for the whole cluster", lo=0.01, cmds=_API
+    )
+    api_max_inflight: int | None = _opt(
+        None, "API calls in flight for the whole cluster", lo=1, cmds=_API
+    )
+    output_dir: Path | None = _opt(
+        None, "where image files go (default DATA_DIR/results)", cmds=_API
+    )
     fetch_urls: bool = _opt(False, "download url results and keep them like b64 ones", cmds=_API)
-    cache: str | None = _opt(None, "result cache: postgres or redis://host:port/db (off when unset)", cmds=_API)
+    cache: str | None = _opt(
+        None, "result cache: postgres or redis://host:port/db (off when unset)", cmds=_API
+    )
     cache_ttl_s: float = _opt(86400.0, "how long cached results stay valid", lo=1, cmds=_API)
     handlers: tuple[str, ...] = _opt((), "extra job kinds as kind=pkg.module:func,...", cmds=_API)
     # --- operations
     http: str = _opt("127.0.0.1:9464", "metrics/health address host:port ('' disables)", cmds=_RUN)
-    log_format: str = _opt("human", "log lines: human or json", choices=("human", "json"), cmds=_RUN)
+    log_format: str = _opt(
+        "human", "log lines: human or json", choices=("human", "json"), cmds=_RUN
+    )
     log_level: str = _opt(
         "info", "log level", choices=("debug", "info", "warning", "error"), cmds=_RUN
     )
@@ -188,7 +219,9 @@ class Settings:
             try:
                 return self.api_key_file.read_text().strip() or None
             except OSError as e:
-                raise ConfigError(f"cannot read --api-key-file {self.api_key_file}: {e.strerror}") from None
+                raise ConfigError(
+                    f"cannot read --api-key-file {self.api_key_file}: {e.strerror}"
+                ) from None
         return None
 
     def with_(self, **changes: Any) -> Settings:
@@ -205,7 +238,7 @@ _FLAG_RENAMES = {"handlers": "handler", "config_file": "config"}
 
 
 def flag_name(name: str) -> str:
-    """The CLI flag behind a setting: units are in the help, not the flag (--lease, not --lease-s)."""
+    """The CLI flag behind a setting (units in the help: --lease)."""
     base = _FLAG_RENAMES.get(name, name)
     for suffix in _UNIT_SUFFIXES:
         if base.endswith(suffix):
@@ -215,9 +248,10 @@ def flag_name(name: str) -> str:
 
 def env_name(name: str) -> str:
     """The environment variable behind a setting: GENWORKER_ + the flag's name."""
-    return FIELDS[name].metadata.get("env") or "GENWORKER_" + flag_name(name)[2:].replace(
-        "-", "_"
-    ).upper()
+    return (
+        FIELDS[name].metadata.get("env")
+        or "GENWORKER_" + flag_name(name)[2:].replace("-", "_").upper()
+    )
 
 
 def mask_dsn(dsn: str) -> str:

@@ -60,7 +60,9 @@ def explain(exc: BaseException, dsn: str | None = None) -> GenworkerError:
                 f"cannot connect to {where}: {_scrub(primary, dsn)} "
                 "(is PostgreSQL running, and are DATABASE_URL's host, port and credentials right?)"
             )
-        if isinstance(exc, pgerr.UndefinedFunction | pgerr.UndefinedTable | pgerr.InvalidSchemaName):
+        if isinstance(
+            exc, pgerr.UndefinedFunction | pgerr.UndefinedTable | pgerr.InvalidSchemaName
+        ):
             return DatabaseError("the genworker schema is missing or old: run `genworker migrate`")
         return DatabaseError(f"database error: {_scrub(primary, dsn)}")
     return DatabaseError(f"database error: {type(exc).__name__}")
@@ -78,7 +80,9 @@ def translated(dsn: str | None = None) -> Iterator[None]:
 def connect(dsn: str, *, autocommit: bool = True, timeout_s: float = 10) -> psycopg.Connection:
     with translated(dsn):
         return psycopg.connect(
-            dsn, autocommit=autocommit, connect_timeout=max(1, int(timeout_s)),
+            dsn,
+            autocommit=autocommit,
+            connect_timeout=max(1, int(timeout_s)),
             application_name=APP_NAME,
         )
 
@@ -88,6 +92,8 @@ async def aconnect(
 ) -> psycopg.AsyncConnection:
     with translated(dsn):
         return await psycopg.AsyncConnection.connect(
-            dsn, autocommit=autocommit, connect_timeout=max(1, int(timeout_s)),
+            dsn,
+            autocommit=autocommit,
+            connect_timeout=max(1, int(timeout_s)),
             application_name=APP_NAME,
         )

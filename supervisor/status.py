@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 
-def render_status(doc: dict[str, Any], *, clear: bool = False, console: Console | None = None) -> None:
+def render_status(
+    doc: dict[str, Any], *, clear: bool = False, console: Console | None = None
+) -> None:
     console = console or Console()
     if clear:
         console.clear()
@@ -27,7 +29,9 @@ def render_status(doc: dict[str, Any], *, clear: bool = False, console: Console 
         nodes.add_column(col)
     for n in doc["nodes"]:
         alarms = ", ".join(sorted((n.get("info") or {}).get("alarms", {}))) or "-"
-        nodes.add_row(n["id"], n["status"], str(n["workers"]), f"{n['heartbeat_age_s']:.0f}s ago", alarms)
+        nodes.add_row(
+            n["id"], n["status"], str(n["workers"]), f"{n['heartbeat_age_s']:.0f}s ago", alarms
+        )
     if not doc["nodes"]:
         nodes.add_row("(none: start one with `genworker start`)", "", "", "", "")
     console.print(nodes)

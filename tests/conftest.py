@@ -44,7 +44,9 @@ def _drop_leftovers(admin: psycopg.Connection) -> None:
         except PermissionError:
             continue
         if name.startswith("gwtpl_"):
-            admin.execute('UPDATE pg_database SET datistemplate = false WHERE datname = %s', (name,))
+            admin.execute(
+                "UPDATE pg_database SET datistemplate = false WHERE datname = %s", (name,)
+            )
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

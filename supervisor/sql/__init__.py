@@ -19,7 +19,7 @@ class Migration:
 
 
 def parse_blocks(text: str) -> dict[str, str]:
-    """Split a file of `-- name --` blocks into {name: sql}; the text before the first is a header."""
+    """Split a file of `-- name --` blocks into {name: sql}; text before the first is a header."""
     parts = _BLOCK.split(text)
     return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
 

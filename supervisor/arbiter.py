@@ -1,0 +1,516 @@
+"""The supervisor process: fork workers (through the zygote), watch them, restart
+them, and act on signals.
+
+Signal handlers only enqueue the signal; `signal_loop` acts on it:
+  TERM, INT   stop claiming, give buffered jobs back, let in-flight jobs finish for up
+              to --graceful-timeout, give the rest back, exit 0; a second one: now
+  QUIT        give everything back and exit now
+  HUP         re-read the settings and replace every worker, one at a time
+  TTIN, TTOU  one worker more, one fewer
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from setproctitle import setproctitle
+
+from . import channels as ch
+from .config import Settings
+from .feeder import Feeder
+from .tasks import TaskOwner
+from .worker import EXIT_BOOT, EXIT_RECYCLE
+from .workers import Position, State, WorkerHandle
+from .zygote import ZygoteHandle, describe_exit
+
+log = logging.getLogger("genworker.arbiter")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BOOT_FAILED = 3  # a worker could not start: fix the configuration
+EXIT_CRASH_LOOP = 6  # every worker keeps dying: let systemd's restart policy take over
+
+MONITOR_S = 0.25
+KILL_GRACE_S = 2.0
+BOOT_TIMEOUT_S = 60.0
+SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+class Arbiter:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        dsn: str,
+        zygote: ZygoteHandle,
+        block: ch.SharedBlock,
+        reload_settings: Callable[[], Settings] | None = None,
+        hooks: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.node = settings.resolved_node_id
+        self.zygote = zygote
+        self.block = block
+        self.reload_settings = reload_settings
+        self.hooks = hooks  # observability (metrics, sd_notify); optional
+        self.target = settings.workers
+        self.handles: list[WorkerHandle] = []
+        self.by_pid: dict[int, WorkerHandle] = {}
+        self.positions: dict[int, Position] = {}
+        self.generations = itertools.count(1)
+        self.retired = [0.0] * ch.SLOT_DOUBLES  # counters of workers that are gone
+        self.restarts_by_reason: dict[str, int] = {}
+        self.alarms: dict[str, str] = {}
+        self.stopping = False
+        self.immediate = asyncio.Event()
+        self.stop_event = asyncio.Event()
+        self.exit_code: asyncio.Future[int] | None = None
+        self.signals: asyncio.Queue[int] = asyncio.Queue()
+        self.tasks = TaskOwner(on_crash=self._task_crashed)
+        self.reloading = False
+        self.spawning: set[int] = set()
+        self.started_at = time.monotonic()
+
+    # ================================================================= run
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.exit_code = loop.create_future()
+        self.feeder = Feeder(
+            self.settings, self.dsn, self.node, self.live_handles, self.raise_alarm
+        )
+        await self.feeder.open()
+        given_back = await self.feeder.queue.release_node(self.node)
+        if given_back:
+            log.info("gave back %d jobs held by a previous run of node %s", given_back, self.node)
+        await self.feeder.queue.register_node(
+            self.node, socket.gethostname(), os.getpid(), self.target, self.node_info()
+        )
+        loop.add_reader(self.zygote.sock.fileno(), self._on_zygote)
+        for sig in SIGNALS:
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        log.info(
+            "node %s starting %d workers x %d slots",
+            self.node,
+            self.target,
+            self.settings.concurrency,
+        )
+        for p in range(self.target):
+            self.positions[p] = Position(p)
+        self.tasks.spawn(self.signal_loop(), "signals")
+        self.tasks.spawn(self.monitor_loop(), "monitor")
+        self.tasks.spawn(self.feeder.claim_loop(), "claim")
+        self.tasks.spawn(self.feeder.write_loop(self.stop_event), "write", critical=False)
+        self.tasks.spawn(self.feeder.lease_loop(self.stop_event, self.node_info), "lease")
+        self.tasks.spawn(self.feeder.reap_loop(self.stop_event), "reaper")
+        self.tasks.spawn(self.feeder.listener.run(self.stop_event), "listen")
+        if self.hooks is not None:
+            await self.hooks.started(self)
+        code = await self.exit_code
+        await self._shutdown()
+        return code
+
+    def finish(self, code: int) -> None:
+        if self.exit_code is not None and not self.exit_code.done():
+            self.exit_code.set_result(code)
+
+    def _task_crashed(self, name: str, exc: BaseException) -> None:
+        log.error("supervisor task %s failed: %s: %s; shutting down", name, type(exc).__name__, exc)
+        self.finish(EXIT_FAILED)
+
+    # ============================================================ workers
+    def live_handles(self) -> list[WorkerHandle]:
+        return [h for h in self.handles if h.state is not State.DEAD]
+
+    def _free_slot(self, position: int) -> int:
+        used = {h.slot for h in self.handles}
+        if position not in used and position < self.block.max_workers:
+            return position
+        for i in range(self.block.max_workers):
+            if i not in used:
+                return i
+        raise RuntimeError("no free shared-memory slot for a worker")
+
+    async def spawn(self, position: int) -> None:
+        slot = self._free_slot(position)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        h = WorkerHandle(
+            position, slot, next(self.generations), ours, self.block, self.settings.concurrency
+        )
+        if self.settings.max_jobs_per_worker:
+            jitter = 1 + 0.1 * (hash((slot, h.generation)) % 100) / 100
+            h.recycle_after = int(self.settings.max_jobs_per_worker * jitter)
+        self.handles.append(h)
+        try:
+            self.zygote.spawn(slot, h.generation, theirs.fileno())
+        finally:
+            theirs.close()
+        h.chan = await ch.open_channel(
+            ours, functools.partial(self._on_message, h), functools.partial(self._on_closed, h)
+        )
+        self.tasks.spawn(self._watch(h), f"watch worker {position}", critical=False)
+
+    def _on_message(self, h: WorkerHandle, msg: tuple[str, Any]) -> None:
+        kind, body = msg
+        if kind == ch.DONE:
+            self.feeder.on_outcomes(h, body)
+            if h.recycle_after and h.state is State.READY and h.jobs_finished() >= h.recycle_after:
+                self.recycle(h, f"served {h.jobs_finished()} jobs")
+        elif kind == ch.READY:
+            h.pid = h.pid or int(body)
+            self.by_pid.setdefault(h.pid, h)
+            if h.state is State.SPAWNING:
+                h.state = State.READY
+                h.ready_at = time.monotonic()
+                self.feeder.dispatch()
+                self.feeder.wake.set()
+
+    def _on_closed(self, h: WorkerHandle, exc: Exception | None) -> None:
+        # The process may still be alive (it closed its end): make sure it goes.
+        if h.state is not State.DEAD and h.pid is not None:
+            asyncio.get_running_loop().call_later(1.0, self._kill, h, signal.SIGKILL)
+
+    def _on_zygote(self) -> None:
+        while True:
+            try:
+                data = self.zygote.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                asyncio.get_running_loop().remove_reader(self.zygote.sock.fileno())
+                if not self.stopping:
+                    log.error("the zygote died: cannot fork workers any more; shutting down")
+                    self.finish(EXIT_FAILED)
+                return
+            msg = pickle.loads(data)
+            if msg[0] == "spawned":
+                _, slot, gen, pid = msg
+                for h in self.handles:
+                    if h.slot == slot and h.generation == gen:
+                        h.pid = pid
+                        self.by_pid[pid] = h
+            elif msg[0] == "exited":
+                h = self.by_pid.pop(msg[1], None)
+                if h is not None and not h.exited.done():
+                    h.exited.set_result(msg[2])
+
+    async def _watch(self, h: WorkerHandle) -> None:
+        status = await h.exited
+        text, code, _sig = describe_exit(status)
+        h.state = State.DEAD
+        if h.chan is not None:
+            h.chan.close()
+        with contextlib.suppress(OSError):
+            h.sock.close()
+        progressed = h.jobs_finished() > 0
+        slot = self.block.slot(h.slot)
+        for i in ch.COUNTER_FIELDS.values():
+            self.retired[i] += slot[i]
+        for i in range(ch.LATENCY_BUCKET0, ch.LATENCY_BUCKET0 + len(ch.LATENCY_BUCKETS_S)):
+            self.retired[i] += slot[i]
+        ch.clear_slot(slot)
+        self.handles.remove(h)
+        jobs = list(h.jobs.values())
+        h.jobs.clear()
+        planned = h.stop_reason is not None and h.kill_reason is None and code in (0, EXIT_RECYCLE)
+        if code == EXIT_BOOT and h.ready_at is None:
+            log.error(
+                "worker %d cannot start (see its message above); stopping the node", h.position
+            )
+            self.finish(EXIT_BOOT_FAILED)
+        count_death = not self.stopping or h.kill_reason is not None
+        reason = h.kill_reason or text
+        if jobs:
+            await self.feeder.release(jobs, reason if count_death else None)
+        if planned:
+            log.info("worker %d (pid %s) stopped: %s", h.position, h.pid, h.stop_reason)
+            self.positions.get(h.position, Position(h.position)).record_clean_exit()
+            return
+        if self.stopping:
+            log.info(
+                "worker %d (pid %s) %s during shutdown; %d jobs given back",
+                h.position,
+                h.pid,
+                text,
+                len(jobs),
+            )
+            return
+        pos = self.positions.setdefault(h.position, Position(h.position))
+        delay = pos.record_death(progressed)
+        key = "heartbeat_timeout" if h.kill_reason else ("signal" if _sig else "exit")
+        self.restarts_by_reason[key] = self.restarts_by_reason.get(key, 0) + 1
+        log.warning(
+            "worker %d (pid %s) died: %s; %d jobs back in the queue; restarting in %.1fs%s",
+            h.position,
+            h.pid,
+            reason,
+            len(jobs),
+            delay,
+            " (crash loop: held back, node degraded)" if pos.held_back else "",
+        )
+
+    def _kill(self, h: WorkerHandle, sig: int) -> None:
+        if h.state is State.DEAD or h.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(h.pid, sig)
+
+    def recycle(self, h: WorkerHandle, why: str) -> None:
+        """Replace a worker gracefully: the monitor starts its successor at once."""
+        log.info("recycling worker %d (pid %s): %s", h.position, h.pid, why)
+        h.ask_stop("recycle")
+
+    # ============================================================ monitor
+    async def monitor_loop(self) -> None:
+        last_title = 0.0
+        while not self.stopping:
+            now = time.monotonic()
+            self._check_workers(now)
+            self._keep_positions(now)
+            if now - last_title >= 1.0:
+                last_title = now
+                setproctitle(self.title())
+            if self.positions and all(
+                p.held_back for i, p in self.positions.items() if i < self.target
+            ):
+                log.error(
+                    "every worker keeps crashing; giving up so the service manager can restart us"
+                )
+                self.finish(EXIT_CRASH_LOOP)
+                return
+            await asyncio.sleep(MONITOR_S)
+
+    def _check_workers(self, now: float) -> None:
+        timeout = self.settings.worker_timeout_s
+        max_rss = self.settings.max_worker_memory_mb * 1024 * 1024
+        for h in self.live_handles():
+            if h.state is State.SPAWNING:
+                if now - h.spawned_at > BOOT_TIMEOUT_S and h.kill_reason is None:
+                    h.kill_reason = f"did not start within {BOOT_TIMEOUT_S:.0f}s"
+                    self._kill(h, signal.SIGKILL)
+                continue
+            if h.jobs_finished() > 0:
+                self.positions.setdefault(h.position, Position(h.position)).record_progress()
+            age = now - h.counter(ch.HEARTBEAT)
+            if age > timeout and h.kill_reason is None:
+                h.kill_reason = f"heartbeat timeout: no sign of life for {age:.0f}s"
+                log.warning(
+                    "worker %d (pid %s) unresponsive for %.0fs: terminating", h.position, h.pid, age
+                )
+                self._kill(h, signal.SIGTERM)
+                asyncio.get_running_loop().call_later(KILL_GRACE_S, self._kill, h, signal.SIGKILL)
+            elif h.state is State.READY and max_rss and h.counter(ch.RSS) > max_rss:
+                self.recycle(h, f"RSS {h.counter(ch.RSS) / 2**20:.0f} MB over --max-worker-memory")
+
+    def _keep_positions(self, now: float) -> None:
+        active = {
+            h.position for h in self.live_handles() if h.state in (State.SPAWNING, State.READY)
+        }
+        for p in range(self.target):
+            pos = self.positions.setdefault(p, Position(p))
+            if p not in active and p not in self.spawning and now >= pos.next_start:
+                self.spawning.add(p)
+                self.tasks.spawn(self._spawn_position(p), f"spawn {p}", critical=False)
+        for h in self.live_handles():
+            if h.position >= self.target and h.state in (State.SPAWNING, State.READY):
+                h.ask_stop("scale down")
+
+    async def _spawn_position(self, p: int) -> None:
+        try:
+            await self.spawn(p)
+        finally:
+            self.spawning.discard(p)
+
+    @property
+    def degraded(self) -> bool:
+        return any(p.held_back for i, p in self.positions.items() if i < self.target)
+
+    def title(self) -> str:
+        live = [h for h in self.live_handles() if h.state is State.READY]
+        inflight = sum(len(h.jobs) for h in self.live_handles())
+        flags = (" degraded" if self.degraded else "") + (" stopping" if self.stopping else "")
+        flags += "" if self.feeder.db_ok else " db-down"
+        return (
+            f"genworker: supervisor node={self.node} workers={len(live)}/{self.target} "
+            f"inflight={inflight} buffered={len(self.feeder.buffer)} "
+            f"done={self.feeder.stats.succeeded}{flags}"
+        )
+
+    # ============================================================= alarms
+    def raise_alarm(self, name: str, detail: str) -> None:
+        if name in ("bad_api_key", "insufficient_quota"):
+            self.feeder.pause_claims(60.0)
+            if name not in self.alarms:
+                log.error(
+                    "API says %s (%s): pausing claims for 60s", name.replace("_", " "), detail[:200]
+                )
+        self.alarms[name] = detail[:200]
+        if self.hooks is not None:
+            self.hooks.alarm(name, detail)
+
+    # ============================================================ signals
+    async def signal_loop(self) -> None:
+        while True:
+            sig = await self.signals.get()
+            name = signal.Signals(sig).name
+            handler = getattr(self, f"handle_{name[3:].lower()}")
+            await handler()
+
+    async def handle_term(self) -> None:
+        if self.stopping:
+            log.warning("second stop signal: giving back in-flight jobs now")
+            self.immediate.set()
+            return
+        log.info(
+            "stop signal: finishing in-flight jobs (up to %.0fs)", self.settings.graceful_timeout_s
+        )
+        self.finish(EXIT_OK)
+
+    handle_int = handle_term
+
+    async def handle_quit(self) -> None:
+        log.info("quit signal: giving back every job and exiting now")
+        self.immediate.set()
+        self.finish(EXIT_OK)
+
+    async def handle_ttin(self) -> None:
+        self.target = min(self.target + 1, self.block.max_workers)
+        log.info("TTIN: %d workers", self.target)
+
+    async def handle_ttou(self) -> None:
+        self.target = max(1, self.target - 1)
+        log.info("TTOU: %d workers", self.target)
+
+    async def handle_hup(self) -> None:
+        if self.reloading or self.stopping:
+            return
+        self.reloading = True
+        try:
+            await self._reload()
+        finally:
+            self.reloading = False
+
+    async def _reload(self) -> None:
+        if self.reload_settings is not None:
+            try:
+                new = self.reload_settings()
+            except Exception as e:  # a bad edit must not take the node down: keep the old settings
+                log.error("HUP: settings not reloaded: %s", e)
+                return
+            self.settings = new
+            self.feeder.settings = new
+            self.target = new.workers
+            self.zygote.send_settings(new)
+        if self.hooks is not None:
+            self.hooks.reloading()
+        log.info("HUP: replacing %d workers one at a time", len(self.live_handles()))
+        for old in [h for h in self.live_handles() if h.state is State.READY]:
+            if self.stopping:
+                return
+            old.ask_stop("reload")
+            deadline = time.monotonic() + BOOT_TIMEOUT_S
+            while time.monotonic() < deadline and not self.stopping:
+                if any(
+                    h.position == old.position and h.state is State.READY and h is not old
+                    for h in self.handles
+                ):
+                    break
+                await asyncio.sleep(0.05)
+        log.info("HUP: every worker replaced")
+        if self.hooks is not None:
+            self.hooks.reloaded()
+
+    # =========================================================== shutdown
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        if self.hooks is not None:
+            self.hooks.stopping(self)
+        self.feeder.claiming = False
+        self.feeder.wake.set()
+        released = await self.feeder.release_buffer()
+        if released:
+            log.info("gave back %d buffered jobs", released)
+        for h in self.live_handles():
+            h.ask_stop("shutdown")
+        await self._wait_workers(self.settings.graceful_timeout_s)
+        for h in self.live_handles():
+            self._kill(h, signal.SIGKILL)
+        await self._wait_workers(5.0, immediate_ok=False)
+        self.stop_event.set()
+        await self.tasks.close(wait_for=("write",), timeout_s=15.0)
+        with contextlib.suppress(Exception):
+            await self.feeder.queue.stop_node(self.node)
+        await self.feeder.close()
+        asyncio.get_running_loop().remove_reader(self.zygote.sock.fileno())
+        self.zygote.close()
+        log.info(
+            "stopped: %d jobs succeeded, %d dead, %d retried on this run",
+            self.feeder.stats.succeeded,
+            self.feeder.stats.dead,
+            self.feeder.stats.retried,
+        )
+
+    async def _wait_workers(self, timeout_s: float, immediate_ok: bool = True) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.live_handles() and time.monotonic() < deadline:
+            if immediate_ok and self.immediate.is_set():
+                return
+            if self.hooks is not None:
+                self.hooks.draining(deadline - time.monotonic())
+            waits = [h.exited for h in self.live_handles()]
+            await asyncio.wait(waits, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            await asyncio.sleep(0)  # let the watchers give the jobs back
+
+    def node_info(self) -> dict[str, Any]:
+        """What this node publishes in the nodes table (read by `genworker status`)."""
+        return {
+            "workers": [
+                {
+                    "position": h.position,
+                    "pid": h.pid,
+                    "state": str(h.state),
+                    "inflight": len(h.jobs),
+                    "limit": int(h.counter(ch.LIMIT)),
+                }
+                for h in self.live_handles()
+            ],
+            "target": self.target,
+            "degraded": self.degraded,
+            "alarms": dict(self.alarms),
+            "db_ok": self.feeder.db_ok,
+            "totals": self.totals(),
+            "restarts": dict(self.restarts_by_reason),
+        }
+
+    def totals(self) -> dict[str, float]:
+        """Counters of every worker this node ran, live and gone."""
+        out = {}
+        for name, i in ch.COUNTER_FIELDS.items():
+            out[name] = self.retired[i] + sum(h.counter(i) for h in self.live_handles())
+        return out
+
+
+def run_coroutine(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    return uvloop.run(coro)

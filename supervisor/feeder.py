@@ -1,0 +1,345 @@
+"""The supervisor's database side: claim into a small buffer, hand jobs to workers
+with free slots, write outcomes back in batches, renew leases, reap, prune.
+
+Everything here runs on the supervisor's event loop; it is the only code that
+talks to PostgreSQL. It knows which worker holds which job, so a worker's
+death gives exactly those jobs back at once, without waiting for a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .config import Settings
+from .model import Job, Outcome, OutcomeKind
+from .queue import Listener, Queue, retry_delay_s, sleep_unless
+
+log = logging.getLogger("genworker.feeder")
+
+DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+MAX_PENDING_OUTCOMES = 100_000  # bounded memory while the database is away
+WRITE_BATCH = 1000
+
+
+class Holder(Protocol):
+    """A worker as the feeder sees it."""
+
+    slot: int
+    jobs: dict[int, Job]
+
+    def free_slots(self) -> int: ...
+    def send_jobs(self, jobs: list[Job]) -> bool: ...
+
+
+@dataclass
+class FeederStats:
+    claimed: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    snoozed: int = 0
+    dead: int = 0
+    cancelled: int = 0
+    stale: int = 0
+    released: int = 0
+    renewed: int = 0
+    reaped: int = 0
+    pruned: int = 0
+    claims: int = 0
+    writes: int = 0
+    db_errors: int = 0
+    first_claim_at: float | None = None
+    last_write_at: float | None = None
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class Feeder:
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        node: str,
+        holders: Callable[[], Iterable[Holder]],
+        on_alarm: Callable[[str, str], None],
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.node = node
+        self.holders = holders
+        self.on_alarm = on_alarm
+        self.pool = AsyncConnectionPool(
+            dsn,
+            min_size=min(2, settings.db_pool_size),
+            max_size=settings.db_pool_size,
+            timeout=settings.db_pool_timeout_s,
+            kwargs={"autocommit": True, "application_name": f"genworker {node}"},
+            open=False,
+        )
+        self.queue = Queue(self.pool, snooze_max_s=settings.snooze_max_s)
+        self.buffer: deque[Job] = deque()
+        self.pending: list[tuple[Outcome, int]] = []
+        self.stats = FeederStats()
+        self.wake = asyncio.Event()  # claim: NOTIFY, poll timer, or slots freed
+        self.write_wake = asyncio.Event()
+        self.claiming = True
+        self.queue_empty = False
+        self.paused_until = 0.0  # claims paused (bad API key) until this monotonic time
+        self.probe = False  # after a pause, one job at a time until one succeeds
+        self.db_ok = False
+        self.db_error: str | None = None
+        self.live_nodes = 1
+        self.listener = Listener(dsn, self.wake)
+        self.rng = random.Random()
+
+    # ------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        await self.pool.open(wait=True, timeout=self.settings.db_pool_timeout_s)
+        self.db_ok = True
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def _db_failed(self, what: str, e: BaseException) -> None:
+        self.stats.db_errors += 1
+        reason = f"{what}: {type(e).__name__}"
+        if self.db_ok:
+            log.warning(
+                "database unreachable (%s); holding outcomes in memory and retrying", reason
+            )
+        self.db_ok = False
+        self.db_error = reason
+
+    def _db_back(self) -> None:
+        if not self.db_ok:
+            log.info("database reachable again")
+        self.db_ok = True
+        self.db_error = None
+
+    # ------------------------------------------------------------ claiming
+    def capacity(self) -> tuple[int, int]:
+        """(free slots now, how many jobs the buffer should hold besides)."""
+        free = total = 0
+        for h in self.holders():
+            f = h.free_slots()
+            free += f
+            total += f + len(h.jobs)
+        cap = self.settings.api_max_inflight
+        if cap:
+            share = max(1, cap // max(1, self.live_nodes))
+            held = sum(len(h.jobs) for h in self.holders())
+            free = max(0, min(free, share - held))
+        return free, math.ceil(total * self.settings.prefetch)
+
+    async def claim_loop(self) -> None:
+        poll = self.settings.poll_interval_s
+        backoff = 0.1
+        while self.claiming:
+            free, spare = self.capacity()
+            want = free + spare - len(self.buffer)
+            if self.probe:
+                want = min(want, 1 - len(self.buffer) - sum(len(h.jobs) for h in self.holders()))
+            paused = time.monotonic() < self.paused_until
+            if want <= 0 or paused or (self.queue_empty and not self.wake.is_set()):
+                await self._wait(poll)
+                continue
+            self.wake.clear()
+            n = min(want, self.settings.claim_batch)
+            try:
+                jobs = await self.queue.claim(self.node, n, self.settings.lease_s)
+            except DB_ERRORS as e:
+                self._db_failed("claim", e)
+                await self._wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            self._db_back()
+            self.queue_empty = len(jobs) < n
+            if jobs:
+                self.stats.claims += 1
+                self.stats.claimed += len(jobs)
+                if self.stats.first_claim_at is None:
+                    self.stats.first_claim_at = time.monotonic()
+                self.buffer.extend(jobs)
+                self.dispatch()
+
+    async def _wait(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.wake.wait(), seconds)
+        except TimeoutError:
+            self.queue_empty = False  # the poll: look again even without a NOTIFY
+
+    def dispatch(self) -> None:
+        """Hand buffered jobs to the workers with free slots, most free first."""
+        if not self.buffer or time.monotonic() < self.paused_until:
+            return
+        holders = sorted(self.holders(), key=lambda h: h.free_slots(), reverse=True)
+        cap_free, _ = self.capacity()
+        for h in holders:
+            take = min(h.free_slots(), len(self.buffer), cap_free)
+            if self.probe:
+                take = min(take, 1 - sum(len(x.jobs) for x in holders))
+            if take <= 0:
+                continue
+            batch = [self.buffer.popleft() for _ in range(take)]
+            if not h.send_jobs(batch):
+                self.buffer.extendleft(reversed(batch))
+                continue
+            cap_free -= take
+        if len(self.buffer) < self.settings.claim_batch:
+            self.wake.set()
+
+    # ------------------------------------------------------------- outcomes
+    def on_outcomes(self, holder: Holder, outcomes: Sequence[Outcome]) -> None:
+        for o in outcomes:
+            job = holder.jobs.pop(o.job_id, None)
+            if job is None:
+                continue  # already given back (the worker was declared dead)
+            if o.alarm:
+                self.on_alarm(o.alarm, o.error or o.alarm)
+            if o.kind is OutcomeKind.OK and self.probe:
+                self.probe = False
+            self.pending.append((o, job.attempt))
+        if len(self.pending) > MAX_PENDING_OUTCOMES:
+            # Only while the database is away for long: keep the newest, their leases will
+            # expire and the jobs run again (at-least-once), which is better than dying.
+            dropped = len(self.pending) - MAX_PENDING_OUTCOMES
+            del self.pending[:dropped]
+            log.error("dropped %d buffered outcomes: database away too long", dropped)
+        self.write_wake.set()
+        self.dispatch()
+        self.wake.set()
+
+    def pause_claims(self, seconds: float) -> None:
+        self.paused_until = time.monotonic() + seconds
+        self.probe = True
+
+    async def write_loop(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while True:
+            if not self.pending:
+                if stop.is_set():
+                    return
+                self.write_wake.clear()
+                waiter = asyncio.ensure_future(self.write_wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            batch = self.pending[:WRITE_BATCH]
+            del self.pending[:WRITE_BATCH]
+            outcomes = [
+                o._replace(
+                    retry_after_s=retry_delay_s(
+                        o, attempt, self.settings.retry_base_s, self.settings.retry_max_s, self.rng
+                    )
+                )
+                for o, attempt in batch
+            ]
+            try:
+                done = await self.queue.complete(outcomes)
+            except DB_ERRORS as e:
+                self._db_failed("complete", e)
+                self.pending[:0] = batch  # keep them, oldest first, and try again
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            self._db_back()
+            self._count(done.applied.values(), len(done.stale))
+            if done.stale:
+                log.info(
+                    "%d outcomes refused: this node no longer owned those jobs", len(done.stale)
+                )
+
+    def _count(self, statuses: Iterable[str], stale: int) -> None:
+        s = self.stats
+        s.writes += 1
+        s.stale += stale
+        s.last_write_at = time.monotonic()
+        for st in statuses:
+            s.by_status[st] = s.by_status.get(st, 0) + 1
+            if st == "succeeded":
+                s.succeeded += 1
+            elif st == "dead":
+                s.dead += 1
+            elif st == "scheduled":
+                s.retried += 1
+            elif st == "cancelled":
+                s.cancelled += 1
+
+    # -------------------------------------------------------------- release
+    async def release(self, held: Sequence[Job], reason: str | None) -> int:
+        """Give jobs back to the queue (a dead worker's, or unstarted ones at shutdown)."""
+        if not held:
+            return 0
+        pairs = [(j.job_id, j.token) for j in held]
+        for attempt in range(50):
+            try:
+                done = await self.queue.release(pairs, reason, self.settings.max_worker_deaths)
+            except DB_ERRORS as e:
+                self._db_failed("release", e)
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+                continue
+            self._db_back()
+            self.stats.released += len(done.applied)
+            dead = [i for i, st in done.applied.items() if st == "dead"]
+            if dead:
+                log.warning(
+                    "%d jobs went dead: %s", len(dead), f"worker died while running it: {reason}"
+                )
+            return len(done.applied)
+        log.error("could not release %d jobs; their leases will expire and requeue them", len(held))
+        return 0
+
+    async def release_buffer(self) -> int:
+        jobs = list(self.buffer)
+        self.buffer.clear()
+        return await self.release(jobs, None)
+
+    # ------------------------------------------------------ leases and reaper
+    async def lease_loop(self, stop: asyncio.Event, info: Callable[[], dict[str, Any]]) -> None:
+        every = max(0.2, self.settings.lease_s / 3)  # renew well before the lease/2 mark
+        while not stop.is_set():
+            try:
+                self.stats.renewed += await self.queue.renew(self.node, self.settings.lease_s)
+                self.live_nodes = await self.queue.heartbeat(
+                    self.node, sum(1 for _ in self.holders()), info()
+                )
+                self._db_back()
+            except DB_ERRORS as e:
+                self._db_failed("lease renewal", e)
+            await sleep_unless(stop, every)
+
+    async def reap_loop(self, stop: asyncio.Event) -> None:
+        every = max(0.5, min(5.0, self.settings.lease_s / 3))
+        stale = max(self.settings.lease_s, 3 * every)
+        next_prune = time.monotonic() + 60
+        while not stop.is_set():
+            try:
+                r = await self.queue.reap(stale, self.settings.max_worker_deaths)
+                if r.requeued or r.dead_jobs or r.dead_nodes:
+                    log.info(
+                        "reaper: %d expired leases requeued, %d jobs dead, %d nodes marked dead",
+                        r.requeued,
+                        r.dead_jobs,
+                        r.dead_nodes,
+                    )
+                    self.stats.reaped += r.requeued
+                    self.wake.set()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + 300
+                    self.stats.pruned += await self.queue.prune(self.settings.retention_s, 500)
+            except DB_ERRORS as e:
+                self._db_failed("reaper", e)
+            await sleep_unless(stop, every)

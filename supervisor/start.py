@@ -1,0 +1,167 @@
+"""`genworker start`: bring a node up in the right order.
+
+1. settings and logging (nothing forked yet, no threads);
+2. the shared block and the zygote, forked while this process is still clean;
+3. the simulated API when no --api-url is given (a child process of its own);
+4. the database: DATABASE_URL or the embedded server, migrated;
+5. the supervisor loop (uvloop) until a signal ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import channels as ch
+from .arbiter import EXIT_FAILED, Arbiter, run_coroutine
+from .config import Settings
+from .db import connect, resolve_dsn
+from .errors import GenworkerError, UsageError
+from .schema import migrate
+from .worker import worker_main
+from .zygote import ZygoteHandle, start_zygote
+
+log = logging.getLogger("genworker.start")
+
+MAX_SLOTS = 256  # shared-memory slots: the most workers one node can run (TTIN included)
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse settings that would only fail later, with one line each."""
+    if settings.api_url and not settings.api_url.startswith(("http://", "https://")):
+        raise UsageError(
+            f"--api-url must start with http:// or https://, got {settings.api_url[:80]!r}"
+        )
+    settings.resolved_api_key()  # a missing key file is an error now, not in every worker
+    out = settings.resolved_output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --output-dir {out}: {e.strerror}") from None
+
+
+class SimProcess:
+    """The simulated image API in a child process, for a node started without --api-url."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, settings: Settings) -> str:
+        cmd = [
+            sys.executable,
+            "-m",
+            "supervisor.api.sim",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--announce",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # Ctrl-C is ours to handle; we stop it ourselves
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("http://"):
+            self.stop()
+            raise GenworkerError(
+                "the simulated API did not start (run `genworker sim-api` to see why)"
+            )
+        return line
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
+    from .cli import settings_from_args
+
+    check_settings(settings)
+    setup_logging(settings)
+    block = ch.SharedBlock(MAX_SLOTS)
+    lock_fd, lock_path = tempfile.mkstemp(prefix="genworker-bucket-", suffix=".lock")
+    os.close(lock_fd)
+    zygote = start_zygote(
+        settings, functools.partial(worker_main, block=block, bucket_lock=lock_path)
+    )
+    sim = SimProcess()
+    try:
+        if not settings.api_url:
+            settings = settings.with_(api_url=sim.start(settings))
+            log.warning("simulated image API at %s: results are placeholders", settings.api_url)
+            zygote.send_settings(settings)
+        dsn = resolve_dsn(settings)
+        with connect(dsn, timeout_s=settings.db_pool_timeout_s) as conn:
+            migrate(conn, settings)
+
+        def reload_settings() -> Settings:
+            new, _ = settings_from_args(args)
+            check_settings(new)
+            return new.with_(api_url=new.api_url or settings.api_url)
+
+        arbiter = Arbiter(
+            settings,
+            dsn=dsn,
+            zygote=zygote,
+            block=block,
+            reload_settings=reload_settings,
+            hooks=make_hooks(settings, lock_path, block),
+        )
+        return run_coroutine(arbiter.run())
+    finally:
+        _stop_zygote(zygote)
+        sim.stop()
+        with contextlib.suppress(OSError):
+            Path(lock_path).unlink()
+
+
+def _stop_zygote(zygote: ZygoteHandle) -> None:
+    """Close its socket (it stops its workers and exits) and reap it: no zombie."""
+    zygote.close()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        pid, _ = os.waitpid(zygote.pid, os.WNOHANG)
+        if pid:
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(zygote.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(zygote.pid, 0)
+
+
+def setup_logging(settings: Settings) -> None:
+    level = getattr(logging, settings.log_level.upper())
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def make_hooks(settings: Settings, lock_path: str, block: ch.SharedBlock) -> object | None:
+    return None
+
+
+__all__ = ["EXIT_FAILED", "cmd_start"]

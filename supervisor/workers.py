@@ -1,0 +1,116 @@
+"""The supervisor's view of its workers: one handle per worker process, and the
+restart policy of each position (backoff, crash-loop hold-back)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import socket
+import time
+from dataclasses import dataclass, field
+
+from . import channels as ch
+from .model import Job
+
+
+class State(enum.StrEnum):
+    SPAWNING = "spawning"  # asked the zygote for it, not ready yet
+    READY = "ready"  # takes jobs
+    STOPPING = "stopping"  # asked to finish what it holds and leave; takes no jobs
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    position: int  # the logical worker number (restart policy and titles)
+    slot: int  # its shared-memory slot
+    generation: int
+    sock: socket.socket
+    block: ch.SharedBlock
+    max_limit: int
+    state: State = State.SPAWNING
+    pid: int | None = None
+    chan: ch.Channel | None = None
+    jobs: dict[int, Job] = field(default_factory=dict)
+    spawned_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    stop_reason: str | None = None  # why we asked it to stop (shutdown, reload, recycle ...)
+    kill_reason: str | None = None  # why we killed it (heartbeat timeout ...): counts as a death
+    recycle_after: int = 0  # jobs before recycling (0: never)
+    exited: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def free_slots(self) -> int:
+        if self.state is not State.READY or self.chan is None or self.chan.closed:
+            return 0
+        limit = int(self.block.slot(self.slot)[ch.LIMIT]) or self.max_limit
+        return max(0, min(limit, self.max_limit) - len(self.jobs))
+
+    def send_jobs(self, jobs: list[Job]) -> bool:
+        if self.chan is None or self.chan.closed:
+            return False
+        try:
+            self.chan.send((ch.JOBS, jobs))
+        except ConnectionError:
+            return False
+        for j in jobs:
+            self.jobs[j.job_id] = j
+        return True
+
+    def ask_stop(self, reason: str) -> None:
+        if self.state in (State.STOPPING, State.DEAD):
+            return
+        self.state = State.STOPPING
+        self.stop_reason = reason
+        if self.chan is not None and not self.chan.closed:
+            with contextlib.suppress(ConnectionError):  # it died: the watcher will see to it
+                self.chan.send((ch.STOP, reason))
+
+    def counter(self, index: int) -> float:
+        return self.block.slot(self.slot)[index]
+
+    def jobs_finished(self) -> int:
+        s = self.block.slot(self.slot)
+        return int(s[ch.DONE_OK] + s[ch.FAILED] + s[ch.RETRIED] + s[ch.SNOOZED])
+
+
+@dataclass
+class Position:
+    """Restart policy of one logical worker.
+
+    The first restart is immediate-ish (0.1 s), then doubles up to `cap_s`. A worker
+    that finished a job before dying made progress, so its death resets the
+    count: a crash loop is dying again and again without doing any work. After
+    `hold_after` deaths in a row without progress the position is held back
+    (degraded) and retried only every `cap_s`.
+    """
+
+    index: int
+    failures: int = 0
+    next_start: float = 0.0
+    restarts: int = 0
+    base_s: float = 0.1
+    cap_s: float = 30.0
+    hold_after: int = 5
+
+    def record_death(self, progressed: bool, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self.failures = 1 if progressed else self.failures + 1
+        delay = min(self.cap_s, self.base_s * 2 ** (self.failures - 1))
+        if self.held_back:
+            delay = self.cap_s
+        self.next_start = now + delay
+        self.restarts += 1
+        return delay
+
+    def record_clean_exit(self) -> None:
+        self.next_start = 0.0
+
+    def record_progress(self) -> None:
+        self.failures = 0
+
+    @property
+    def held_back(self) -> bool:
+        return self.failures >= self.hold_after
