@@ -155,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     try:
         if args.command == "sim-api":
-            return _load(COMMANDS["sim-api"][0])(args, Settings())
+            from .api.sim import main as sim_main
+
+            return sim_main(args.sim_args)
         settings, sources = settings_from_args(args)
         args.sources = sources
         logging.basicConfig(
@@ -166,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("genworker: interrupted\n")
         return 130
+    except BrokenPipeError:  # `genworker config | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except (ConfigError, UsageError, GenworkerError) as e:
         if debug:
             raise
