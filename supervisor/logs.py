@@ -77,6 +77,20 @@ class Redactor:
         return text
 
 
+def dsn_password(dsn: str | None) -> str | None:
+    """The password inside a DSN (URL or key=value form), to pass to setup_logging."""
+    if not dsn:
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except psycopg.ProgrammingError:  # not a DSN: then it holds no password we could find
+        return None
+    return str(password) if password else None
+
+
 _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from supervisor.logs import Redactor, setup_logging
+from supervisor.logs import Redactor, dsn_password, setup_logging
 
 API_KEY = "sk-proj-T3stK3yDoNotLeak0123456789abcdef"
 DB_PASSWORD = 'Pa"ss:w@rd/Secr3t'
@@ -176,3 +176,11 @@ def test_short_secrets_are_hidden_without_shredding_words() -> None:
         redact("postgresql://u:ab1@h/d user ab1 cab1e") == "postgresql://u:***@h/d user *** cab1e"
     )
     assert Redactor([None, ""])("nothing to hide") == "nothing to hide"
+
+
+def test_the_password_is_found_in_either_dsn_form() -> None:
+    assert dsn_password(DSN) == DB_PASSWORD
+    assert dsn_password("host=db user=gw password='a b' dbname=gw") == "a b"
+    assert dsn_password("postgresql://gw@db/gw") is None
+    assert dsn_password(None) is None
+    assert dsn_password("not a dsn = = '") is None
