@@ -27,6 +27,7 @@ from .db import translated
 from .errors import (
     GenworkerError,
     InvalidCount,
+    InvalidKind,
     InvalidParams,
     InvalidPlan,
     InvalidPrompt,
@@ -34,6 +35,9 @@ from .errors import (
     TaskNotFound,
 )
 from .model import TaskId, TaskStatus
+
+# n travels as an SQL integer: a bigger Python int would not even find the function.
+_INT4_MIN, _INT4_MAX = -(2**31), 2**31 - 1
 
 FINISHED = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
@@ -113,6 +117,14 @@ def submit_params(
         raise InvalidTenant(f"tenant must be a string, got {type(tenant).__name__}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
         raise InvalidCount(f"n must be an integer, got {type(n).__name__}")
+    if not isinstance(kind, str):
+        raise InvalidKind(f"kind must be a string, got {type(kind).__name__}")
+    if idempotency_key is not None and not isinstance(idempotency_key, str):
+        raise InvalidParams(
+            f"idempotency_key must be a string, got {type(idempotency_key).__name__}"
+        )
+    if n is not None and not _INT4_MIN <= n <= _INT4_MAX:
+        raise InvalidCount(f"invalid n {n}: out of range")
     if params is not None and not isinstance(params, Mapping):
         raise InvalidParams(f"params must be a mapping, got {type(params).__name__}")
     merged = dict(params or {})
@@ -126,7 +138,12 @@ def submit_params(
         raise InvalidParams(f"params must be JSON: {e}") from None
     if "\\u0000" in encoded:
         raise InvalidParams("params may not contain NUL bytes")
-    for name, value in (("plan", plan), ("tenant", tenant), ("kind", kind)):
+    for name, value in (
+        ("plan", plan),
+        ("tenant", tenant),
+        ("kind", kind),
+        ("idempotency_key", idempotency_key or ""),
+    ):
         if "\x00" in value:
             raise InvalidParams(f"{name} may not contain NUL bytes")
     return {
@@ -144,24 +161,48 @@ def bulk_params(tasks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     items = []
     for t in tasks:
         p = submit_params(**t)
-        items.append({k: (v.obj if isinstance(v, Jsonb) else v) for k, v in p.items() if v is not None})
+        items.append(
+            {k: (v.obj if isinstance(v, Jsonb) else v) for k, v in p.items() if v is not None}
+        )
     return {"tasks": Jsonb(items)}
 
 
 def _task(row: Sequence[Any], jobs: Sequence[Sequence[Any]] = ()) -> TaskInfo:
     return TaskInfo(
-        id=TaskId(row[0]), tenant=row[1], plan=row[2], kind=row[3], params=row[4],
-        status=TaskStatus(row[5]), n_jobs=row[6], succeeded=row[7], dead=row[8],
-        cancelled=row[9], error=row[10], idempotency_key=row[11], created_at=row[12],
-        started_at=row[13], finished_at=row[14], jobs=tuple(JobInfo(*j) for j in jobs),
+        id=TaskId(row[0]),
+        tenant=row[1],
+        plan=row[2],
+        kind=row[3],
+        params=row[4],
+        status=TaskStatus(row[5]),
+        n_jobs=row[6],
+        succeeded=row[7],
+        dead=row[8],
+        cancelled=row[9],
+        error=row[10],
+        idempotency_key=row[11],
+        created_at=row[12],
+        started_at=row[13],
+        finished_at=row[14],
+        jobs=tuple(JobInfo(*j) for j in jobs),
     )
 
 
 def _summary(row: Sequence[Any]) -> TaskInfo:
     return TaskInfo(
-        id=TaskId(row[0]), tenant=row[1], plan=row[2], kind=row[3], status=TaskStatus(row[4]),
-        n_jobs=row[5], succeeded=row[6], dead=row[7], cancelled=row[8], error=row[9],
-        created_at=row[10], started_at=row[11], finished_at=row[12],
+        id=TaskId(row[0]),
+        tenant=row[1],
+        plan=row[2],
+        kind=row[3],
+        status=TaskStatus(row[4]),
+        n_jobs=row[5],
+        succeeded=row[6],
+        dead=row[7],
+        cancelled=row[8],
+        error=row[9],
+        created_at=row[10],
+        started_at=row[11],
+        finished_at=row[12],
     )
 
 
@@ -197,7 +238,9 @@ class Client:
                     yield c
             else:
                 if self._own is None or self._own.closed:
-                    self._own = psycopg.connect(self._dsn, autocommit=True, application_name="genworker")
+                    self._own = psycopg.connect(
+                        self._dsn, autocommit=True, application_name="genworker"
+                    )
                 yield self._own
 
     def _one(self, name: str, params: dict[str, Any]) -> Any:
@@ -218,16 +261,26 @@ class Client:
             row = c.execute(sql.query("get_task"), {"task_id": task_id}).fetchone()
             if row is None:
                 raise TaskNotFound(f"no task {task_id}")
-            job_rows = c.execute(sql.query("task_jobs"), {"task_id": task_id}).fetchall() if jobs else ()
+            job_rows = (
+                c.execute(sql.query("task_jobs"), {"task_id": task_id}).fetchall() if jobs else ()
+            )
         return _task(row, job_rows)
 
-    def tasks(self, *, status: str | None = None, tenant: str | None = None, limit: int = 20) -> list[TaskInfo]:
+    def tasks(
+        self, *, status: str | None = None, tenant: str | None = None, limit: int = 20
+    ) -> list[TaskInfo]:
         with self._conn() as c:
-            rows = c.execute(sql.query("list_tasks"), _list_params(status, tenant, limit)).fetchall()
+            rows = c.execute(
+                sql.query("list_tasks"), _list_params(status, tenant, limit)
+            ).fetchall()
         return [_summary(r) for r in rows]
 
     def wait(
-        self, task_id: int, *, timeout_s: float | None = None, poll_s: float = 0.5,
+        self,
+        task_id: int,
+        *,
+        timeout_s: float | None = None,
+        poll_s: float = 0.5,
         progress: Progress | None = None,
     ) -> TaskInfo:
         """Block until the task finishes (or timeout_s passes: TimeoutError)."""
@@ -309,16 +362,24 @@ class AsyncClient:
                 raise TaskNotFound(f"no task {task_id}")
             job_rows: Sequence[Any] = ()
             if jobs:
-                job_rows = await (await c.execute(sql.query("task_jobs"), {"task_id": task_id})).fetchall()
+                job_rows = await (
+                    await c.execute(sql.query("task_jobs"), {"task_id": task_id})
+                ).fetchall()
         return _task(row, job_rows)
 
-    async def tasks(self, *, status: str | None = None, tenant: str | None = None, limit: int = 20) -> list[TaskInfo]:
+    async def tasks(
+        self, *, status: str | None = None, tenant: str | None = None, limit: int = 20
+    ) -> list[TaskInfo]:
         async with self._conn() as c:
             cur = await c.execute(sql.query("list_tasks"), _list_params(status, tenant, limit))
             return [_summary(r) for r in await cur.fetchall()]
 
     async def wait(
-        self, task_id: int, *, timeout_s: float | None = None, poll_s: float = 0.5,
+        self,
+        task_id: int,
+        *,
+        timeout_s: float | None = None,
+        poll_s: float = 0.5,
         progress: Progress | None = None,
     ) -> TaskInfo:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

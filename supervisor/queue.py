@@ -56,7 +56,8 @@ def completion_params(outcomes: Sequence[Outcome], snooze_max_s: float) -> dict[
         "kinds": [str(o.kind) for o in outcomes],
         "results": [None if o.result is None else json.dumps(o.result) for o in outcomes],
         "errors": [o.error for o in outcomes],
-        "delays": [o.retry_after_s for o in outcomes],
+        # float() so a batch mixing int and float delays is still one float8[] array
+        "delays": [None if o.retry_after_s is None else float(o.retry_after_s) for o in outcomes],
         "snooze_max_s": snooze_max_s,
     }
 
@@ -100,7 +101,11 @@ class Queue:
         if n <= 0:
             return []
         rows = await self._rows("claim_jobs", {"node": node, "n": n, "lease_s": lease_s})
-        return [Job(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        # Rows are (job_id, token, task_id, idx, kind, attempt, params); Job puts params first.
+        return [
+            Job(job_id, token, task_id, idx, kind, params, attempt)
+            for job_id, token, task_id, idx, kind, attempt, params in rows
+        ]
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
         """Write outcomes (each RETRY/SNOOZE with its delay in retry_after_s), fenced."""
@@ -119,7 +124,12 @@ class Queue:
         ids = [h[0] for h in held]
         rows = await self._rows(
             "release_jobs",
-            {"ids": ids, "tokens": [h[1] for h in held], "reason": reason, "max_deaths": max_deaths},
+            {
+                "ids": ids,
+                "tokens": [h[1] for h in held],
+                "reason": reason,
+                "max_deaths": max_deaths,
+            },
         )
         return _completed(ids, rows)
 
@@ -200,7 +210,9 @@ class Listener:
                             break
                     await conn.execute("SELECT 1")  # a dead connection fails here
             except psycopg.OperationalError as e:
-                log.warning("listen connection lost (%s); polling until it is back", type(e).__name__)
+                log.warning(
+                    "listen connection lost (%s); polling until it is back", type(e).__name__
+                )
                 self.reconnects += 1
             finally:
                 self.connected = False

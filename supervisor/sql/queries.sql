@@ -70,14 +70,15 @@ SELECT job_id, status FROM genworker.release_jobs(%(ids)s, %(tokens)s, %(reason)
 -- Give back every job a node id still holds (a restarted supervisor's previous life).
 SELECT r.job_id, r.status
   FROM (SELECT array_agg(id ORDER BY id) AS ids, array_agg(token ORDER BY id) AS tokens
-          FROM genworker.jobs WHERE status = 'running' AND lease_owner = %(node)s) held,
+          FROM genworker.jobs
+         WHERE status = 'running' AND lease_owner = %(node)s AND lease_expires IS NOT NULL) held,
        genworker.release_jobs(held.ids, held.tokens, NULL, 1) r
 
 -- renew_leases --
 -- Extend every lease a node holds, in one statement; returns how many.
 WITH r AS (
     UPDATE genworker.jobs SET lease_expires = now() + make_interval(secs => %(lease_s)s)
-     WHERE status = 'running' AND lease_owner = %(node)s
+     WHERE status = 'running' AND lease_owner = %(node)s AND lease_expires IS NOT NULL
     RETURNING 1
 ) SELECT count(*) AS renewed FROM r
 

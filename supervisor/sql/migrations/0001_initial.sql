@@ -77,7 +77,9 @@ CREATE TABLE genworker.jobs (
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
-    UNIQUE (task_id, idx)
+    UNIQUE (task_id, idx),
+    -- A job holds a lease exactly while it runs (jobs_running relies on it).
+    CHECK ((status = 'running') = (lease_expires IS NOT NULL))
 );
 
 -- The claim reads exactly this index: runnable jobs in order of service.
@@ -85,7 +87,12 @@ CREATE INDEX jobs_queued ON genworker.jobs (urgency, id) WHERE status = 'queued'
 -- Retries and snoozes wait here until due.
 CREATE INDEX jobs_scheduled ON genworker.jobs (run_after) WHERE status = 'scheduled';
 -- Lease renewal (by owner) and the reaper (by expiry) scan the small running set.
-CREATE INDEX jobs_running ON genworker.jobs (lease_owner, lease_expires) WHERE status = 'running';
+-- Keyed on the lease rather than on status = 'running' on purpose: complete_jobs filters on
+-- status = 'running' too, and with this predicate the planner cannot pick this index there
+-- (and, trusting a stale "one running row" estimate, rescan the whole batch for every
+-- running job); it must look the batch up by primary key.
+CREATE INDEX jobs_running ON genworker.jobs (lease_owner, lease_expires)
+    WHERE lease_expires IS NOT NULL;
 
 CREATE TABLE genworker.nodes (
     id            text PRIMARY KEY,
@@ -159,7 +166,8 @@ BEGIN
         END IF;
         v_prompt := p_params ->> 'prompt';
         v_max := genworker.setting_int('max_prompt_chars', 4000);
-        IF btrim(v_prompt) = '' THEN
+        -- not btrim(): that strips spaces only, and a prompt of tabs and newlines is empty too
+        IF v_prompt !~ '[^[:space:]]' THEN
             RAISE EXCEPTION 'invalid prompt: it is empty' USING ERRCODE = 'GW002';
         END IF;
         IF char_length(v_prompt) > v_max THEN
@@ -218,8 +226,18 @@ BEGIN
         IF jsonb_typeof(v_t) IS DISTINCT FROM 'object' THEN
             RAISE EXCEPTION 'invalid bulk submit: every element must be an object' USING ERRCODE = 'GW006';
         END IF;
-        IF (v_t ? 'n') AND jsonb_typeof(v_t -> 'n') IS DISTINCT FROM 'number' THEN
-            RAISE EXCEPTION 'invalid n: expected an integer' USING ERRCODE = 'GW005';
+        IF (v_t ? 'n') AND (jsonb_typeof(v_t -> 'n') IS DISTINCT FROM 'number'
+            OR (v_t ->> 'n')::numeric NOT BETWEEN -2147483648 AND 2147483647
+            OR (v_t ->> 'n')::numeric % 1 <> 0) THEN
+            RAISE EXCEPTION 'invalid n %: expected an integer', left(v_t ->> 'n', 40)
+                USING ERRCODE = 'GW005';
+        END IF;
+        -- ->> would turn a number or an object into text and let it pass as a name
+        IF EXISTS (SELECT 1 FROM jsonb_each(v_t) e
+                    WHERE e.key IN ('plan', 'tenant', 'kind', 'idempotency_key')
+                      AND jsonb_typeof(e.value) <> 'string') THEN
+            RAISE EXCEPTION 'invalid bulk submit: plan, tenant, kind and idempotency_key must be strings'
+                USING ERRCODE = 'GW006';
         END IF;
         v_ids := v_ids || genworker.submit_task(
             v_t ->> 'plan',
@@ -263,17 +281,24 @@ BEGIN
                started_at = coalesce(j.started_at, now())
           FROM picked WHERE j.id = picked.id
         RETURNING j.id, j.token, j.task_id, j.idx, j.kind, j.attempts, j.urgency
+    ), touched AS (
+        -- The few tasks of the batch as one array, so both lookups below are primary-key
+        -- probes: a join here lets the planner hash the whole tasks table on every claim.
+        SELECT array_agg(DISTINCT c.task_id) AS ids FROM claimed c
     ), started AS (
         -- SKIP LOCKED: a task another claimer is marking as started needs no second mark,
         -- and waiting here could deadlock two claimers over two new tasks.
         UPDATE genworker.tasks t SET status = 'running', started_at = now()
-          FROM (SELECT s.id FROM genworker.tasks s
-                 WHERE s.id IN (SELECT c.task_id FROM claimed c) AND s.status = 'queued'
-                 ORDER BY s.id FOR UPDATE SKIP LOCKED) s
-         WHERE t.id = s.id
+         WHERE t.id = ANY ((SELECT array_agg(s.id) FROM (
+                   SELECT s.id FROM genworker.tasks s
+                    WHERE s.id = ANY ((SELECT ids FROM touched)::bigint[]) AND s.status = 'queued'
+                    ORDER BY s.id FOR UPDATE SKIP LOCKED) s)::bigint[])
+    ), task AS (
+        SELECT t.id, t.params FROM genworker.tasks t
+         WHERE t.id = ANY ((SELECT ids FROM touched)::bigint[])
     )
     SELECT c.id, c.token, c.task_id, c.idx, c.kind, c.attempts, t.params
-      FROM claimed c JOIN genworker.tasks t ON t.id = c.task_id
+      FROM claimed c JOIN task t ON t.id = c.task_id
      ORDER BY c.urgency, c.id;
 END
 $$;
@@ -446,20 +471,22 @@ CREATE FUNCTION genworker.reap(p_node_stale_s double precision, p_max_deaths int
 RETURNS TABLE (requeued integer, dead_jobs integer, dead_nodes integer)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_ids bigint[]; v_tokens bigint[]; v_nodes integer; v_dead integer;
+    v_ids bigint[]; v_tokens bigint[]; v_nodes integer; v_requeued integer; v_dead integer;
 BEGIN
     SELECT array_agg(e.id), array_agg(e.token) INTO v_ids, v_tokens
       FROM (SELECT id, token FROM genworker.jobs
              WHERE status = 'running' AND lease_expires < now()
              ORDER BY lease_expires LIMIT 10000 FOR UPDATE SKIP LOCKED) e;
     WITH r AS (SELECT * FROM genworker.release_jobs(v_ids, v_tokens, 'lease expired (its node died?)', p_max_deaths))
-    SELECT count(*) FILTER (WHERE r.status = 'dead') INTO v_dead FROM r;
+    SELECT count(*) FILTER (WHERE r.status = 'queued'), count(*) FILTER (WHERE r.status = 'dead')
+      INTO v_requeued, v_dead FROM r;
     WITH n AS (
         UPDATE genworker.nodes SET status = 'dead'
          WHERE status = 'alive' AND heartbeat_at < now() - make_interval(secs => p_node_stale_s)
         RETURNING 1
     ) SELECT count(*) INTO v_nodes FROM n;
-    RETURN QUERY SELECT coalesce(cardinality(v_ids), 0) - v_dead, v_dead, v_nodes;
+    -- jobs of a cancelled task leave as cancelled: neither requeued nor dead
+    RETURN QUERY SELECT v_requeued, v_dead, v_nodes;
 END
 $$;
 
