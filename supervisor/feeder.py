@@ -28,6 +28,9 @@ from .queue import Listener, Queue, retry_delay_s, sleep_unless
 log = logging.getLogger("genworker.feeder")
 
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+BUFFER_S = 0.05  # the buffer holds at least this much work at the recent completion rate
+MAX_BUFFER = 2000
+WRITE_GATHER_S = 0.002  # a small write waits this long for company
 MAX_PENDING_OUTCOMES = 100_000  # bounded memory while the database is away
 WRITE_BATCH = 1000
 
@@ -63,6 +66,29 @@ class FeederStats:
     by_status: dict[str, int] = field(default_factory=dict)
 
 
+class Rate:
+    """Events per second over the last ~second, cheap enough to call per batch."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self.start = time.monotonic()
+        self.count = 0
+        self.last = 0.0
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        if now - self.start >= self.window_s:
+            self.last = self.count / (now - self.start)
+            self.start, self.count = now, 0
+        self.count += n
+
+    def per_s(self) -> float:
+        elapsed = time.monotonic() - self.start
+        if elapsed >= 2 * self.window_s:
+            return 0.0
+        return max(self.last, self.count / max(elapsed, 1e-3) if elapsed > 0.1 else 0.0)
+
+
 class Feeder:
     def __init__(
         self,
@@ -89,6 +115,7 @@ class Feeder:
         self.buffer: deque[Job] = deque()
         self.pending: list[tuple[Outcome, int]] = []
         self.stats = FeederStats()
+        self.rate = Rate()
         self.wake = asyncio.Event()  # claim: NOTIFY, poll timer, or slots freed
         self.write_wake = asyncio.Event()
         self.claiming = True
@@ -98,7 +125,7 @@ class Feeder:
         self.db_ok = False
         self.db_error: str | None = None
         self.live_nodes = 1
-        self.listener = Listener(dsn, self.wake)
+        self.listener = Listener(dsn, self)  # type: ignore[arg-type]  # it calls .set()
         self.rng = random.Random()
 
     # ------------------------------------------------------------ lifecycle
@@ -107,6 +134,14 @@ class Feeder:
         self.db_ok = True
 
     async def close(self) -> None:
+        st = self.stats
+        log.info(
+            "database batches: %d claims (%.1f jobs each), %d writes (%.1f outcomes each)",
+            st.claims,
+            st.claimed / max(1, st.claims),
+            st.writes,
+            sum(st.by_status.values()) / max(1, st.writes),
+        )
         await self.pool.close()
 
     def _db_failed(self, what: str, e: BaseException) -> None:
@@ -127,56 +162,93 @@ class Feeder:
 
     # ------------------------------------------------------------ claiming
     def capacity(self) -> tuple[int, int]:
-        """(free slots now, how many jobs the buffer should hold besides)."""
-        free = total = 0
+        """(free slots now, how many jobs the buffer should hold besides).
+
+        The buffer covers `prefetch` x the slots, or BUFFER_S of the recent completion
+        rate when that is more: fast jobs need deep buffers (and big claims), slow API
+        calls need a shallow one, so a newly arrived urgent job never queues behind
+        more than a moment of work.
+        """
+        free = total = held = 0
         for h in self.holders():
             f = h.free_slots()
             free += f
+            held += len(h.jobs)
             total += f + len(h.jobs)
         cap = self.settings.api_max_inflight
         if cap:
             share = max(1, cap // max(1, self.live_nodes))
-            held = sum(len(h.jobs) for h in self.holders())
             free = max(0, min(free, share - held))
-        return free, math.ceil(total * self.settings.prefetch)
+        spare = max(
+            math.ceil(total * self.settings.prefetch), math.ceil(self.rate.per_s() * BUFFER_S)
+        )
+        return free, min(spare, MAX_BUFFER)
 
     async def claim_loop(self) -> None:
-        poll = self.settings.poll_interval_s
-        backoff = 0.1
-        while self.claiming:
-            free, spare = self.capacity()
-            want = free + spare - len(self.buffer)
-            if self.probe:
-                want = min(want, 1 - len(self.buffer) - sum(len(h.jobs) for h in self.holders()))
-            paused = time.monotonic() < self.paused_until
-            if want <= 0 or paused or (self.queue_empty and not self.wake.is_set()):
-                await self._wait(poll)
-                continue
-            self.wake.clear()
-            n = min(want, self.settings.claim_batch)
-            try:
-                jobs = await self.queue.claim(self.node, n, self.settings.lease_s)
-            except DB_ERRORS as e:
-                self._db_failed("claim", e)
-                await self._wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.1
-            self._db_back()
-            self.queue_empty = len(jobs) < n
-            if jobs:
-                self.stats.claims += 1
-                self.stats.claimed += len(jobs)
-                if self.stats.first_claim_at is None:
-                    self.stats.first_claim_at = time.monotonic()
-                self.buffer.extend(jobs)
-                self.dispatch()
+        """Claim whenever the buffer runs low and the queue may hold work.
 
-    async def _wait(self, seconds: float) -> None:
+        Woken by dispatch (the buffer ran low), by NOTIFY and by the poll timer; it
+        never asks the database again after an empty claim until one of the last two
+        says there may be new work.
+        """
+        poller = asyncio.get_running_loop().create_task(self._poll())
+        backoff = 0.1
         try:
-            await asyncio.wait_for(self.wake.wait(), seconds)
-        except TimeoutError:
-            self.queue_empty = False  # the poll: look again even without a NOTIFY
+            while self.claiming:
+                await self.wake.wait()
+                self.wake.clear()
+                n = self._claim_size()
+                if n <= 0 or not self.claiming:
+                    continue
+                try:
+                    jobs = await self.queue.claim(self.node, n, self.settings.lease_s)
+                except DB_ERRORS as e:
+                    self._db_failed("claim", e)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    self.wake.set()
+                    continue
+                backoff = 0.1
+                self._db_back()
+                self.queue_empty = len(jobs) < n
+                if jobs:
+                    self.stats.claims += 1
+                    self.stats.claimed += len(jobs)
+                    if self.stats.first_claim_at is None:
+                        self.stats.first_claim_at = time.monotonic()
+                    self.buffer.extend(jobs)
+                    self.dispatch()
+                if not self.queue_empty:
+                    self.wake.set()  # there may be more: look at the buffer again
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+
+    def _claim_size(self) -> int:
+        if self.queue_empty or time.monotonic() < self.paused_until:
+            return 0
+        free, spare = self.capacity()
+        held = len(self.buffer)
+        if self.probe:  # after a pause: one job at a time until one succeeds
+            return max(0, 1 - held - sum(len(h.jobs) for h in self.holders()))
+        want = free + spare - held
+        # no dribbling: a claim is worth a round trip once a quarter of the target is gone
+        if want < max(1, min(self.settings.claim_batch, free + spare) // 4):
+            return 0
+        return min(want, self.settings.claim_batch)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            self.poke()
+
+    def poke(self) -> None:
+        """There may be new work (a NOTIFY, or the poll): claim even after an empty claim."""
+        self.queue_empty = False
+        self.wake.set()
+
+    # Listener calls .set() on what it is given: a NOTIFY is a poke.
+    set = poke
 
     def dispatch(self) -> None:
         """Hand buffered jobs to the workers with free slots, most free first."""
@@ -209,6 +281,7 @@ class Feeder:
             if o.kind is OutcomeKind.OK and self.probe:
                 self.probe = False
             self.pending.append((o, job.attempt))
+        self.rate.add(len(outcomes))
         if len(self.pending) > MAX_PENDING_OUTCOMES:
             # Only while the database is away for long: keep the newest, their leases will
             # expire and the jobs run again (at-least-once), which is better than dying.
@@ -217,7 +290,6 @@ class Feeder:
             log.error("dropped %d buffered outcomes: database away too long", dropped)
         self.write_wake.set()
         self.dispatch()
-        self.wake.set()
 
     def pause_claims(self, seconds: float) -> None:
         self.paused_until = time.monotonic() + seconds
@@ -236,16 +308,11 @@ class Feeder:
                 waiter.cancel()
                 stopper.cancel()
                 continue
+            if len(self.pending) < WRITE_BATCH // 10 and not stop.is_set():
+                await asyncio.sleep(WRITE_GATHER_S)  # a few more outcomes make a cheaper batch
             batch = self.pending[:WRITE_BATCH]
             del self.pending[:WRITE_BATCH]
-            outcomes = [
-                o._replace(
-                    retry_after_s=retry_delay_s(
-                        o, attempt, self.settings.retry_base_s, self.settings.retry_max_s, self.rng
-                    )
-                )
-                for o, attempt in batch
-            ]
+            outcomes = [o if o.kind is OutcomeKind.OK else self._with_delay(o, a) for o, a in batch]
             try:
                 done = await self.queue.complete(outcomes)
             except DB_ERRORS as e:
@@ -261,6 +328,10 @@ class Feeder:
                 log.info(
                     "%d outcomes refused: this node no longer owned those jobs", len(done.stale)
                 )
+
+    def _with_delay(self, o: Outcome, attempt: int) -> Outcome:
+        base, cap = self.settings.retry_base_s, self.settings.retry_max_s
+        return o._replace(retry_after_s=retry_delay_s(o, attempt, base, cap, self.rng))
 
     def _count(self, statuses: Iterable[str], stale: int) -> None:
         s = self.stats
@@ -294,6 +365,7 @@ class Feeder:
             self._db_back()
             self.stats.released += len(done.applied)
             dead = [i for i, st in done.applied.items() if st == "dead"]
+            self.poke()  # they are runnable again, here or elsewhere
             if dead:
                 log.warning(
                     "%d jobs went dead: %s", len(dead), f"worker died while running it: {reason}"
@@ -336,7 +408,7 @@ class Feeder:
                         r.dead_nodes,
                     )
                     self.stats.reaped += r.requeued
-                    self.wake.set()
+                    self.poke()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + 300
                     self.stats.pruned += await self.queue.prune(self.settings.retention_s, 500)
