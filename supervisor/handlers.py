@@ -42,8 +42,9 @@ async def _no_api(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
 def _is_async_callable(obj: Any) -> bool:
     if inspect.iscoroutinefunction(obj):
         return True
-    call = getattr(obj, "__call__", None)  # an instance with an async __call__
-    return not inspect.isclass(obj) and inspect.iscoroutinefunction(call)
+    if inspect.isclass(obj) or not callable(obj):
+        return False
+    return inspect.iscoroutinefunction(type(obj).__call__)  # an instance with an async __call__
 
 
 def checked(kind: str, handler: Handler) -> Handler:

@@ -96,11 +96,11 @@ def _reset_headers(headers: Mapping[str, str]) -> float | None:
         raw = _header(headers, f"x-ratelimit-reset-{budget}")
         seconds = parse_duration(raw) if raw else None
         if seconds is not None:
-            exhausted = (_header(headers, f"x-ratelimit-remaining-{budget}") or "").strip() == "0"
-            found.append((exhausted, seconds))
+            spent = (_header(headers, f"x-ratelimit-remaining-{budget}") or "").strip() == "0"
+            found.append((spent, seconds))
     if not found:
         return None
-    exhausted = [s for hit, s in found if hit]
+    exhausted = [s for spent, s in found if spent]
     return max(exhausted) if exhausted else min(s for _, s in found)
 
 

@@ -348,9 +348,11 @@ async def start_sim(
     config: SimConfig, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, int]:
     """Serve the simulator in this loop; returns the runner (await runner.cleanup()) and port."""
-    runner = web.AppRunner(make_app(config), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        make_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0][1]
     return runner, int(bound)

@@ -134,7 +134,8 @@ def test_first_429_learns_the_recent_rate_and_later_ones_cut_it(
     bucket.on_rate_limited(0.5)
     state = bucket.state()
     assert state.paused_for_s == pytest.approx(0.5)
-    assert state.learned is not None and 80 < state.learned <= 90  # 90 % of what went through
+    assert state.learned is not None
+    assert 80 < state.learned <= 90
     bucket.on_rate_limited(None)  # same event: within the hold time, no second cut
     assert bucket.state().learned == pytest.approx(state.learned)
     clock.t += 1.0
@@ -155,7 +156,8 @@ def test_learned_rate_grows_only_while_the_bucket_is_the_bottleneck(
     assert learned is not None
     _grants(bucket, clock, 10.0, 0.001)  # demand far above the rate: probe upward
     grown = bucket.state().learned
-    assert grown is not None and learned * 1.15 < grown < learned * 1.3
+    assert grown is not None
+    assert learned * 1.15 < grown < learned * 1.3
     for _ in range(100):  # demand well below the rate: no reason to grow
         bucket.try_acquire()
         clock.t += 1.0
@@ -180,7 +182,8 @@ def test_torn_state_is_clamped(buf: memoryview, tmp_path: Path) -> None:
     # what a holder killed mid-update could leave: garbage in every state field
     struct.pack_into("<6d", buf, 16, 1e300, float("nan"), -5.0, float("inf"), -1.0, 1e308)
     state = bucket.state()
-    assert state.rate == 10 and state.paused_for_s <= 300
+    assert state.rate == 10
+    assert state.paused_for_s <= 300
     clock.t += 1.0
     assert bucket.try_acquire() <= 0.1 + 1e-9  # at worst one interval lost
     clock.t += 0.1
