@@ -57,10 +57,19 @@ SELECT job_id, token, task_id, idx, kind, attempt, params
   FROM genworker.claim_jobs(%(node)s, %(n)s, %(lease_s)s)
 
 -- complete_jobs --
--- Write a batch of outcomes, fenced by token; returns the rows that changed.
-SELECT job_id, status
-  FROM genworker.complete_jobs(%(ids)s, %(tokens)s, %(kinds)s, %(results)s::jsonb[],
-                               %(errors)s, %(delays)s, %(snooze_max_s)s)
+-- Write a batch of outcomes, fenced by token; returns the rows that changed. The batch is
+-- one JSON array of [id, token, kind, result, error, delay], unpacked here into the arrays
+-- genworker.complete_jobs takes (one parameter is much cheaper to send than six arrays).
+SELECT c.job_id, c.status
+  FROM (SELECT array_agg((o ->> 0)::bigint ORDER BY n) AS ids,
+               array_agg((o ->> 1)::bigint ORDER BY n) AS tokens,
+               array_agg(o ->> 2 ORDER BY n) AS kinds,
+               array_agg(nullif(o -> 3, 'null') ORDER BY n) AS results,
+               array_agg(o ->> 4 ORDER BY n) AS errors,
+               array_agg((o ->> 5)::float8 ORDER BY n) AS delays
+          FROM jsonb_array_elements(%(batch)s::jsonb) WITH ORDINALITY AS b(o, n)) a,
+       genworker.complete_jobs(a.ids, a.tokens, a.kinds, a.results, a.errors, a.delays,
+                               %(snooze_max_s)s) c
 
 -- release_jobs --
 -- Give held jobs back (shutdown, or a worker died holding them); returns the rows that changed.

@@ -219,3 +219,21 @@ def test_task_status_follows_its_jobs(dsn: str, conn: psycopg.Connection, client
     assert info.done
     assert info.remaining == 0
     assert [j.result for j in info.jobs] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_results_and_errors_arrive_exactly_as_sent(
+    dsn: str, conn: psycopg.Connection, client: Client
+) -> None:
+    client.submit("free", "a careful scribe")
+    result = {"path": "/tmp/ü/ø.png", "sizes": [1, 2.5, None], "quote": 'say "hi"\n'}
+    error = 'HTTP 500: {"error": "über\\nbroken"}'
+    with sync_queue(dsn) as q:
+        a, b = q.claim("node-a", 2, 30)
+        q.complete(
+            [
+                Outcome(a.job_id, a.token, OutcomeKind.OK, result),
+                Outcome(b.job_id, b.token, OutcomeKind.DEAD, None, error),
+            ]
+        )
+    assert (job_row(conn, a.job_id)["result"], job_row(conn, a.job_id)["error"]) == (result, None)
+    assert (job_row(conn, b.job_id)["result"], job_row(conn, b.job_id)["error"]) == (None, error)
