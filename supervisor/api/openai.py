@@ -18,7 +18,7 @@ import aiohttp
 
 from ..config import ConfigError, Settings
 from ..model import Job, PermanentError, TransientError
-from .errors import ApiTimeout, classify, scrub
+from .errors import ApiTimeout, classify, scrub, tag
 from .results import MAX_FILE_BYTES, sniff_mime, store_image
 
 MAX_BODY_BYTES = MAX_FILE_BYTES  # a b64 answer larger than this is refused, not buffered
@@ -51,13 +51,15 @@ def generations_url(api_url: str) -> str:
 async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
     """The body, or TransientError when it is larger than `cap` (never buffered beyond it)."""
     if resp.content_length is not None and resp.content_length > cap:
-        raise TransientError(f"provider answer too large: {resp.content_length} bytes > {cap}")
+        too_large = f"provider answer too large: {resp.content_length} bytes > {cap}"
+        raise tag(TransientError(too_large), status=resp.status, cause="answer")
     parts: list[bytes] = []
     size = 0
     while chunk := await resp.content.read(64 * 1024):
         size += len(chunk)
         if size > cap:
-            raise TransientError(f"provider answer too large: over {cap} bytes")
+            too_large = f"provider answer too large: over {cap} bytes"
+            raise tag(TransientError(too_large), status=resp.status, cause="answer")
         parts.append(chunk)
     return b"".join(parts)
 
@@ -97,8 +99,11 @@ class ImageHandler:
                     raw = await read_capped(resp, MAX_ERROR_BODY_BYTES)
                     raise classify(resp.status, resp.headers, raw, self.key)
                 if resp.content_type != "application/json":
-                    raise TransientError(
-                        f"provider answered {scrub(resp.content_type)!s} instead of JSON"
+                    ctype = scrub(resp.content_type)
+                    raise tag(
+                        TransientError(f"provider answered {ctype} instead of JSON"),
+                        status=resp.status,
+                        cause="answer",
                     )
                 raw = await read_capped(resp, MAX_BODY_BYTES)
         except TimeoutError:
@@ -107,10 +112,23 @@ class ImageHandler:
             raise PermanentError("invalid API URL", alarm="bad_api_url") from None
         except aiohttp.ClientError as e:
             detail = scrub(f"{type(e).__name__} {e}", self.key)
-            raise TransientError(f"connection error: {detail}") from None
-        return await self._result(raw, session)
+            raise tag(TransientError(f"connection error: {detail}"), cause="connection") from None
+        return await self._result(raw, session, resp.status)
 
-    async def _result(self, raw: bytes, session: aiohttp.ClientSession) -> dict[str, Any]:
+    async def _result(
+        self, raw: bytes, session: aiohttp.ClientSession, status: int
+    ) -> dict[str, Any]:
+        try:
+            return await self._result_of(raw, session)
+        except ApiTimeout:
+            raise
+        except TransientError as e:
+            # a 2xx that we could not use: the answer's fault (the worker counts it apart)
+            if "cause" not in e.__dict__:
+                tag(e, status=status, cause="answer")
+            raise
+
+    async def _result_of(self, raw: bytes, session: aiohttp.ClientSession) -> dict[str, Any]:
         item = first_image(raw)
         b64 = item.get("b64_json")
         if isinstance(b64, str) and b64:
@@ -131,12 +149,14 @@ class ImageHandler:
         try:
             async with session.get(url) as resp:
                 if resp.status != 200:
-                    raise TransientError(f"image download failed: HTTP {resp.status}")
+                    failed = TransientError(f"image download failed: HTTP {resp.status}")
+                    raise tag(failed, status=resp.status, cause="http")
                 return await read_capped(resp, MAX_FILE_BYTES)
         except TimeoutError:
             raise ApiTimeout("image download timed out") from None
         except aiohttp.ClientError as e:
-            raise TransientError(f"image download failed: {type(e).__name__}") from None
+            failed = TransientError(f"image download failed: {type(e).__name__}")
+            raise tag(failed, cause="connection") from None
 
     async def _store(self, data: bytes) -> dict[str, Any]:
         mime = sniff_mime(data)
@@ -146,7 +166,8 @@ class ImageHandler:
             return await store_image(self.output_dir, data, mime)
         except OSError as e:
             # a full disk is this host's problem, not the job's: retry (maybe elsewhere)
-            raise TransientError(f"cannot store image: {e.strerror}") from None
+            failed = TransientError(f"cannot store image: {e.strerror}")
+            raise tag(failed, cause="storage") from None
 
 
 def first_image(raw: bytes) -> dict[str, Any]:

@@ -413,11 +413,16 @@ def parser() -> argparse.ArgumentParser:
         default=_env_default("port", int, 8000),
         help="port, 0 for any free one [GENWORKER_SIM_PORT] (default 8000)",
     )
+    p.add_argument(
+        "--announce",
+        action="store_true",
+        help="print only the base URL (http://host:port) as the first line, for scripts",
+    )
     defaults = SimConfig()
     for name, kind, help_text in _FLAGS:
         env = f"GENWORKER_SIM_{name.upper()}"
         default = _env_default(name, kind, getattr(defaults, name))
-        shown = "" if name == "api_key" else f" (default {default})"
+        shown = "" if name == "api_key" or default is None else f" (default {default})"
         p.add_argument(
             f"--{name.replace('_', '-')}",
             type=kind,
@@ -440,14 +445,15 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return config
 
 
-async def _serve(config: SimConfig, host: str, port: int) -> None:
+async def _serve(config: SimConfig, host: str, port: int, announce: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner, bound = await start_sim(config, host, port)
     try:
-        print(f"SIMULATED image API listening on http://{host}:{bound}", flush=True)
+        url = f"http://{host}:{bound}"
+        print(url if announce else f"SIMULATED image API listening on {url}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()
@@ -461,11 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     try:
-        asyncio.run(_serve(config, args.host, args.port))
+        asyncio.run(_serve(config, args.host, args.port, args.announce))
     except OSError as e:
         print(f"genworker sim-api: cannot listen on {args.host}:{args.port}: {e.strerror}")
         return 1
     return 0
+
+
+def cmd_sim_api(args: argparse.Namespace, settings: object) -> int:
+    """`genworker sim-api ...` through the CLI's command table: the sim parses its own flags."""
+    return main(list(getattr(args, "sim_args", None) or []))
 
 
 if __name__ == "__main__":

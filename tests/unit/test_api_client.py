@@ -74,21 +74,26 @@ def test_b64_image_lands_on_disk_under_its_sha256(tmp_path: Path) -> None:
 
 
 FAULTS = [
-    ("500", TransientError, "HTTP 500 server_error", None),
-    ("timeout", ApiTimeout, "no answer within", None),
-    ("reset", TransientError, "connection error", None),
-    ("malformed", TransientError, "not valid JSON", None),
-    ("content_type", TransientError, "text/html instead of JSON", None),
-    ("400", PermanentError, "HTTP 400 content_policy_violation", None),
-    ("401", PermanentError, "HTTP 401 invalid_api_key", "bad_api_key"),
-    ("quota", PermanentError, "HTTP 429 insufficient_quota", "insufficient_quota"),
-    ("empty", TransientError, "no image", None),
+    ("500", TransientError, "HTTP 500 server_error", None, (500, "http")),
+    ("timeout", ApiTimeout, "no answer within", None, (None, "timeout")),
+    ("reset", TransientError, "connection error", None, (None, "connection")),
+    ("malformed", TransientError, "not valid JSON", None, (200, "answer")),
+    ("content_type", TransientError, "text/html instead of JSON", None, (200, "answer")),
+    ("400", PermanentError, "HTTP 400 content_policy_violation", None, (400, "http")),
+    ("401", PermanentError, "HTTP 401 invalid_api_key", "bad_api_key", (401, "http")),
+    ("quota", PermanentError, "HTTP 429 insufficient_quota", "insufficient_quota", (429, "http")),
+    ("empty", TransientError, "no image", None, (200, "answer")),
 ]
 
 
-@pytest.mark.parametrize(("fault", "cls", "reason", "alarm"), FAULTS)
+@pytest.mark.parametrize(("fault", "cls", "reason", "alarm", "status_cause"), FAULTS)
 def test_each_injected_fault_becomes_the_right_error(
-    tmp_path: Path, fault: str, cls: type[JobError], reason: str, alarm: str | None
+    tmp_path: Path,
+    fault: str,
+    cls: type[JobError],
+    reason: str,
+    alarm: str | None,
+    status_cause: tuple[int | None, str],
 ) -> None:
     config = SimConfig(latency_ms=1, jitter_ms=0, api_key=KEY, hang_s=30)
     setattr(config, f"fail_{fault}", 1.0)
@@ -102,6 +107,7 @@ def test_each_injected_fault_becomes_the_right_error(
     assert type(err) is cls
     assert reason in err.reason
     assert err.alarm == alarm
+    assert (getattr(err, "status", None), getattr(err, "cause", None)) == status_cause
     assert "SECRET" not in err.reason
     assert no_temp_files(tmp_path)
 

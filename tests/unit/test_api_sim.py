@@ -194,6 +194,23 @@ def test_the_command_line_serves_until_sigterm() -> None:
             proc.wait(5)
 
 
+def test_announce_prints_only_the_url() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.api.sim", "--port", "0", "--announce"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip().startswith("http://127.0.0.1:")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
 def test_bad_flags_are_refused() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "supervisor.api.sim", "--fail-500", "2"],
