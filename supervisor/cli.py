@@ -110,6 +110,63 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     elif name == "config":
         p.add_argument("--json", action="store_true", help=json_help)
+    elif name == "demo":
+        _add_demo_args(p, json_help)
+
+
+def _bounded(kind: type, lo: float, hi: float) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` in [lo, hi], or a one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo:g}..{hi:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _add_demo_args(p: argparse.ArgumentParser, json_help: str) -> None:
+    scene = p.add_argument_group("the morning (defaults end in about a minute)")
+    scene.add_argument(
+        "--latency-ms",
+        type=_bounded(float, 1, 60_000),
+        default=1000.0,
+        help="simulated API latency per image (default 1000)",
+    )
+    scene.add_argument(
+        "--jitter-ms",
+        type=_bounded(float, 0, 60_000),
+        help="latency varies uniformly by +- this (default a fifth of the latency)",
+    )
+    scene.add_argument(
+        "--fail-rate",
+        type=_bounded(float, 0, 0.5),
+        default=0.01,
+        help="share of API calls answered 500, retried (default 0.01)",
+    )
+    scene.add_argument(
+        "--pro", type=_bounded(int, 0, 1000), default=10, help="Pro tasks at once (default 10)"
+    )
+    scene.add_argument(
+        "--free", type=_bounded(int, 0, 1000), default=20, help="Free tasks arriving (default 20)"
+    )
+    scene.add_argument(
+        "--start", type=_bounded(int, 0, 1000), default=6, help="Start tasks arriving (default 6)"
+    )
+    scene.add_argument(
+        "--window",
+        type=_bounded(float, 0, 3600),
+        default=30.0,
+        help="Free and Start tasks arrive over this many seconds (default 30)",
+    )
+    scene.add_argument(
+        "--seed", type=_bounded(int, 0, 2**31), default=1, help="arrivals and faults (default 1)"
+    )
+    p.add_argument("--json", action="store_true", help=json_help)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -147,17 +204,19 @@ def _load(target: str) -> Command:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["sim-api"]:
+        # the simulator parses its own flags (argparse's REMAINDER would mangle them)
+        from .api.sim import main as sim_main
+
+        return sim_main(args_list[1:])
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if not args.command:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
     try:
-        if args.command == "sim-api":
-            from .api.sim import main as sim_main
-
-            return sim_main(args.sim_args)
         settings, sources = settings_from_args(args)
         args.sources = sources
         logging.basicConfig(

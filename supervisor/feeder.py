@@ -9,6 +9,7 @@ death gives exactly those jobs back at once, without waiting for a lease.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -30,7 +31,8 @@ log = logging.getLogger("genworker.feeder")
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 BUFFER_S = 0.05  # the buffer holds at least this much work at the recent completion rate
 MAX_BUFFER = 2000
-WRITE_GATHER_S = 0.002  # a small write waits this long for company
+WRITE_GATHER_S = 0.02  # outcomes wait at most this long for company before a write
+WRITE_ENOUGH = 100  # ... or until this many are waiting
 MAX_PENDING_OUTCOMES = 100_000  # bounded memory while the database is away
 WRITE_BATCH = 1000
 
@@ -254,24 +256,30 @@ class Feeder:
         """Hand buffered jobs to the workers with free slots, most free first."""
         if not self.buffer or time.monotonic() < self.paused_until:
             return
-        holders = sorted(self.holders(), key=lambda h: h.free_slots(), reverse=True)
-        cap_free, _ = self.capacity()
-        for h in holders:
-            take = min(h.free_slots(), len(self.buffer), cap_free)
-            if self.probe:
-                take = min(take, 1 - sum(len(x.jobs) for x in holders))
+        frees = [(h.free_slots(), h) for h in self.holders()]
+        frees.sort(key=lambda fh: fh[0], reverse=True)
+        held = sum(len(h.jobs) for _, h in frees)
+        room = len(self.buffer)
+        cap = self.settings.api_max_inflight
+        if cap:
+            room = min(room, max(1, cap // max(1, self.live_nodes)) - held)
+        if self.probe:  # after a pause: one job at a time until one succeeds
+            room = min(room, 1 - held)
+        for free, h in frees:
+            take = min(free, room)
             if take <= 0:
-                continue
+                break
             batch = [self.buffer.popleft() for _ in range(take)]
             if not h.send_jobs(batch):
                 self.buffer.extendleft(reversed(batch))
                 continue
-            cap_free -= take
+            room -= take
         if len(self.buffer) < self.settings.claim_batch:
             self.wake.set()
 
     # ------------------------------------------------------------- outcomes
     def on_outcomes(self, holder: Holder, outcomes: Sequence[Outcome]) -> None:
+        was_empty = not self.pending
         for o in outcomes:
             job = holder.jobs.pop(o.job_id, None)
             if job is None:
@@ -282,13 +290,14 @@ class Feeder:
                 self.probe = False
             self.pending.append((o, job.attempt))
         self.rate.add(len(outcomes))
+        if was_empty or len(self.pending) >= WRITE_ENOUGH:
+            self.write_wake.set()  # wake an idle writer, or cut its gathering short
         if len(self.pending) > MAX_PENDING_OUTCOMES:
             # Only while the database is away for long: keep the newest, their leases will
             # expire and the jobs run again (at-least-once), which is better than dying.
             dropped = len(self.pending) - MAX_PENDING_OUTCOMES
             del self.pending[:dropped]
             log.error("dropped %d buffered outcomes: database away too long", dropped)
-        self.write_wake.set()
         self.dispatch()
 
     def pause_claims(self, seconds: float) -> None:
@@ -296,20 +305,21 @@ class Feeder:
         self.probe = True
 
     async def write_loop(self, stop: asyncio.Event) -> None:
+        """Write outcomes in batches: as soon as WRITE_ENOUGH are waiting, else once the
+        oldest has waited WRITE_GATHER_S (a write costs the database about the same for
+        1 row as for 100), and everything at once when stopping."""
         backoff = 0.1
         while True:
             if not self.pending:
                 if stop.is_set():
                     return
+                await _first(self.write_wake, stop)
                 self.write_wake.clear()
-                waiter = asyncio.ensure_future(self.write_wake.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
                 continue
-            if len(self.pending) < WRITE_BATCH // 10 and not stop.is_set():
-                await asyncio.sleep(WRITE_GATHER_S)  # a few more outcomes make a cheaper batch
+            if len(self.pending) < WRITE_ENOUGH and not stop.is_set():
+                self.write_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_first(self.write_wake, stop), WRITE_GATHER_S)
             batch = self.pending[:WRITE_BATCH]
             del self.pending[:WRITE_BATCH]
             outcomes = [o if o.kind is OutcomeKind.OK else self._with_delay(o, a) for o, a in batch]
@@ -415,3 +425,13 @@ class Feeder:
             except DB_ERRORS as e:
                 self._db_failed("reaper", e)
             await sleep_unless(stop, every)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Return when any of the events is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
