@@ -94,8 +94,13 @@ DEFAULT_BURST_FRACTION = 0.1  # set_rate without a burst: a tenth of a second's 
 LEARNED_BURST_FRACTION = 0.05  # a learned rate sits near the provider's limit: burst little
 CUT_FACTOR = 0.9  # a 429 cuts the learned rate to 90 % ...
 CUT_HOLD_S = 1.0  # ... at most once a second: the 429s of calls in flight are the same event
-GROWTH_PER_S = 0.02  # while the bucket is the bottleneck the learned rate grows 2 %/s
-MIN_GROWTH_RPS = 0.5  # ... but by at least this much per second
+# While the bucket is the bottleneck the learned rate grows, 2 %/s right after a cut and
+# faster the longer no 429 comes (+2 %/s per second, at most 25 %/s): careful next to the
+# limit just found, quick to climb back after a cut that was too deep (CUBIC's idea).
+GROWTH_PER_S = 0.02
+GROWTH_ACCEL_S = 1.0
+MAX_GROWTH_PER_S = 0.25
+MIN_GROWTH_RPS = 0.5  # ... and by at least this much per second
 MIN_RATE = 0.1
 EST_TAU_S = 1.0  # the grant-rate estimate (used for the first cut) decays over a second
 MAX_PAUSE_S = 300.0
@@ -143,10 +148,11 @@ class SharedTokenBucket:
 
     The rate is a GCRA (one "theoretical arrival time"): at most rate x 1 s +
     burst grants in any second. Rate 0 means unlimited until a 429 teaches one:
-    the first 429 sets the learned rate to 90 % of the recent grant rate, each
-    later one (at most one a second) cuts it by 10 %, and while the bucket is the
-    bottleneck it grows by 2 % a second: AIMD on the host's rate, which settles
-    just under the provider's limit. A configured rate caps the learned one.
+    the first 429 sets the learned rate to the recent grant rate (a decayed count,
+    which errs low), each later one (at most one a second) cuts it by 10 %, and
+    while the bucket is the bottleneck it grows, slowly just after a cut and
+    faster the longer no 429 comes: AIMD on the host's rate, which settles just
+    under the provider's limit. A configured rate caps the learned one.
     """
 
     def __init__(
@@ -240,7 +246,9 @@ class SharedTokenBucket:
                 saturated = s.tat > now - interval  # a grant waited on the bucket, or nearly
                 if s.learned and saturated and (not s.rate or s.learned < s.rate):
                     # saturated: demand keeps up with the learned rate, so probe upward
-                    growth = max(MIN_GROWTH_RPS, GROWTH_PER_S * s.learned) * interval
+                    pct = GROWTH_PER_S * (1.0 + (now - s.last_cut) / GROWTH_ACCEL_S)
+                    per_s = max(MIN_GROWTH_RPS, min(pct, MAX_GROWTH_PER_S) * s.learned)
+                    growth = per_s * interval
                     s.learned = min(s.learned + growth, s.rate or math.inf)
                 s.tat = max(s.tat, now) + interval
             s.est_count = s.est_count * math.exp(-(now - s.est_t) / EST_TAU_S) + 1.0
@@ -282,10 +290,10 @@ class SharedTokenBucket:
                 elif s.rate and s.tat >= now:
                     base = s.rate  # the configured rate was in force and used up: it overshot
                 else:
-                    # decayed count of recent grants: under the true rate for the first
-                    # second, which errs on the safe side
+                    # the decayed count of recent grants: under the true rate in the first
+                    # second, so it is not cut further
                     base = s.est_count * math.exp(-(now - s.est_t) / EST_TAU_S) / EST_TAU_S
-                    base = min(base, s.rate) if s.rate else base
+                    base = (min(base, s.rate) if s.rate else base) / CUT_FACTOR
                 s.learned = max(MIN_RATE, base * CUT_FACTOR)
                 s.last_cut = now
                 s.tat = max(s.tat, now)  # spend any saved-up burst: it is what overshot

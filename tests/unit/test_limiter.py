@@ -135,7 +135,7 @@ def test_first_429_learns_the_recent_rate_and_later_ones_cut_it(
     state = bucket.state()
     assert state.paused_for_s == pytest.approx(0.5)
     assert state.learned is not None
-    assert 80 < state.learned <= 90
+    assert 85 < state.learned <= 100  # about what went through in the last second
     bucket.on_rate_limited(None)  # same event: within the hold time, no second cut
     assert bucket.state().learned == pytest.approx(state.learned)
     clock.t += 1.0
@@ -154,10 +154,15 @@ def test_learned_rate_grows_only_while_the_bucket_is_the_bottleneck(
     bucket.on_rate_limited(None)
     learned = bucket.state().learned
     assert learned is not None
-    _grants(bucket, clock, 10.0, 0.001)  # demand far above the rate: probe upward
+    _grants(bucket, clock, 1.0, 0.001)  # demand far above the rate: probe upward, gently
     grown = bucket.state().learned
     assert grown is not None
-    assert learned * 1.15 < grown < learned * 1.3
+    assert learned * 1.02 < grown < learned * 1.05
+    _grants(bucket, clock, 5.0, 0.001)  # ... and faster the longer no 429 comes
+    faster = bucket.state().learned
+    assert faster is not None
+    assert faster > grown * 1.3
+    grown = faster
     for _ in range(100):  # demand well below the rate: no reason to grow
         bucket.try_acquire()
         clock.t += 1.0
@@ -328,3 +333,106 @@ def test_eight_processes_share_one_rate_and_survive_sigkills(tmp_path: Path) -> 
     # the survivors kept going after the kills, at about the full rate
     assert len(after_kill) >= 0.8 * RATE * (stop_at - killed_at)
     assert len(times) >= 0.8 * RATE * (RUN_S - 0.3)
+
+
+# ---------------------------------------- learning a provider's limit from 429s
+
+SIM_RPS = 100
+JOBS_PER_WORKER = 100
+
+
+def _client(port: int, buf: memoryview, lock: str, out: str) -> None:
+    """A worker: 5 slots, Aimd, the shared bucket, the real image client; 429s come back later."""
+    from supervisor.api import ImageHandler, make_session
+    from supervisor.config import Settings
+    from supervisor.model import Job, JobError, RateLimited
+
+    async def main() -> None:
+        s = Settings(api_url=f"http://127.0.0.1:{port}", output_dir=Path(out))
+        bucket, aimd, handler = SharedTokenBucket(buf, lock), Aimd(5), ImageHandler(s)
+        todo = list(range(JOBS_PER_WORKER))
+        done = running = 0
+        deadline = time.monotonic() + 60
+
+        async def one(i: int) -> None:
+            nonlocal done, running
+            try:
+                await bucket.acquire()
+                await handler(
+                    Job(os.getpid() * 1000 + i, 1, 1, i, "image", {"prompt": "p"}, 1), sess
+                )
+                aimd.on_success()
+                done += 1
+            except RateLimited as e:
+                bucket.on_rate_limited(e.retry_after_s)
+                aimd.on_rate_limited()
+                asyncio.get_running_loop().call_later(e.retry_after_s or 1.0, todo.append, i)
+            except JobError:
+                aimd.on_error()
+                todo.append(i)
+            finally:
+                running -= 1
+
+        async with make_session(s) as sess:
+            tasks = set()
+            while done < JOBS_PER_WORKER and time.monotonic() < deadline:
+                if todo and running < aimd.limit:
+                    running += 1
+                    task = asyncio.create_task(one(todo.pop()))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                else:
+                    await asyncio.sleep(0.002)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_without_a_rate_the_bucket_learns_the_providers_limit(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.api.sim", "--port", "0", "--announce",
+         "--rps", str(SIM_RPS), "--latency-ms", "50", "--jitter-ms", "10"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    procs: list[mp.process.BaseProcess] = []
+    try:
+        assert sim.stdout is not None
+        url = sim.stdout.readline().strip()
+        port = int(url.rsplit(":", 1)[1])
+        mm = mmap.mmap(-1, BUCKET_BYTES)
+        ctx = mp.get_context("fork")
+        args = (port, memoryview(mm), str(tmp_path / "lock"), str(tmp_path / "out"))
+        procs = [ctx.Process(target=_client, args=args) for _ in range(8)]
+        start = time.monotonic()
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(90)
+        elapsed = time.monotonic() - start
+        with urllib.request.urlopen(f"{url}/stats", timeout=10) as r:
+            stats = json.load(r)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        sim.terminate()
+        sim.wait(10)
+    assert all(p.exitcode == 0 for p in procs)
+    ok = stats["by_status"].get("200", 0)
+    assert ok == 8 * JOBS_PER_WORKER
+    share_429 = stats["by_status"].get("429", 0) / stats["total"]
+    assert share_429 < 0.05, stats["by_status"]
+    # 8 x 5 slots at 50 ms could send 800/s; the host learned to send about 100/s. The
+    # bound is loose (process start-up and the uneven tail of 8 fixed shares count here);
+    # bench/ measures the real figure.
+    assert ok / elapsed >= 0.75 * SIM_RPS, f"{ok / elapsed:.1f}/s"
