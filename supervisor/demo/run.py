@@ -169,7 +169,7 @@ def _drop_stale(admin: psycopg.Connection) -> None:
 
 
 def _warn_if_busy(conn: psycopg.Connection, view: View) -> None:
-    from ..commands import status_document
+    from ..status import status_document
 
     doc = status_document(conn)
     queued = sum(sum(states.values()) for states in doc["queue"].values())
