@@ -22,7 +22,9 @@ from typing import Any, Protocol
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .cache import open_cache
 from .config import Settings
+from .dedupe import CacheGate
 from .model import Job, Outcome, OutcomeKind
 from .queue import Listener, Queue, retry_delay_s, sleep_unless
 
@@ -33,7 +35,6 @@ BUFFER_S = 0.05  # the buffer holds at least this much work at the recent comple
 MAX_BUFFER = 2000
 WRITE_GATHER_S = 0.02  # outcomes wait at most this long for company before a write
 WRITE_ENOUGH = 100  # ... or until this many are waiting
-MAX_PENDING_OUTCOMES = 100_000  # bounded memory while the database is away
 WRITE_BATCH = 1000
 
 
@@ -129,11 +130,15 @@ class Feeder:
         self.live_nodes = 1
         self.listener = Listener(dsn, self)  # type: ignore[arg-type]  # it calls .set()
         self.rng = random.Random()
+        self.gate: CacheGate | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def open(self) -> None:
         await self.pool.open(wait=True, timeout=self.settings.db_pool_timeout_s)
         self.db_ok = True
+        cache = open_cache(self.settings, self.pool)
+        if cache is not None:
+            self.gate = CacheGate(cache, self.settings)
 
     async def close(self) -> None:
         st = self.stats
@@ -144,6 +149,8 @@ class Feeder:
             st.writes,
             sum(st.by_status.values()) / max(1, st.writes),
         )
+        if self.gate is not None:
+            await self.gate.cache.close()
         await self.pool.close()
 
     def _db_failed(self, what: str, e: BaseException) -> None:
@@ -213,6 +220,9 @@ class Feeder:
                 backoff = 0.1
                 self._db_back()
                 self.queue_empty = len(jobs) < n
+                if jobs and self.gate is not None:
+                    jobs, hits = await self.gate.lookup(jobs)
+                    self._add_pending([(o, 1) for o in hits])
                 if jobs:
                     self.stats.claims += 1
                     self.stats.claimed += len(jobs)
@@ -269,7 +279,9 @@ class Feeder:
             take = min(free, room)
             if take <= 0:
                 break
-            batch = [self.buffer.popleft() for _ in range(take)]
+            batch = self._take(take)
+            if not batch:
+                break
             if not h.send_jobs(batch):
                 self.buffer.extendleft(reversed(batch))
                 continue
@@ -277,9 +289,25 @@ class Feeder:
         if len(self.buffer) < self.settings.claim_batch:
             self.wake.set()
 
+    def _take(self, n: int) -> list[Job]:
+        """Up to n buffered jobs to run; with the cache, twins of running jobs wait instead."""
+        if self.gate is None:
+            return [self.buffer.popleft() for _ in range(min(n, len(self.buffer)))]
+        out: list[Job] = []
+        served: list[tuple[Outcome, int]] = []
+        while self.buffer and len(out) < n:
+            job = self.buffer.popleft()
+            verdict = self.gate.admit(job)
+            if verdict is True:
+                out.append(job)
+            elif verdict is not False:
+                served.append((verdict, job.attempt))
+        self._add_pending(served)
+        return out
+
     # ------------------------------------------------------------- outcomes
     def on_outcomes(self, holder: Holder, outcomes: Sequence[Outcome]) -> None:
-        was_empty = not self.pending
+        done: list[tuple[Outcome, int]] = []
         for o in outcomes:
             job = holder.jobs.pop(o.job_id, None)
             if job is None:
@@ -288,17 +316,24 @@ class Feeder:
                 self.on_alarm(o.alarm, o.error or o.alarm)
             if o.kind is OutcomeKind.OK and self.probe:
                 self.probe = False
-            self.pending.append((o, job.attempt))
+            done.append((o, job.attempt))
+            if self.gate is not None:
+                shared, back = self.gate.settle(job, o)
+                done.extend((f, 1) for f in shared)
+                self.buffer.extendleft(reversed(back))
         self.rate.add(len(outcomes))
+        self._add_pending(done)
+        self.dispatch()
+
+    def _add_pending(self, done: list[tuple[Outcome, int]]) -> None:
+        """Queue outcomes for the writer. While the database is away they wait here: no
+        new claim can succeed then, so they are bounded by the jobs this node holds."""
+        if not done:
+            return
+        was_empty = not self.pending
+        self.pending.extend(done)
         if was_empty or len(self.pending) >= WRITE_ENOUGH:
             self.write_wake.set()  # wake an idle writer, or cut its gathering short
-        if len(self.pending) > MAX_PENDING_OUTCOMES:
-            # Only while the database is away for long: keep the newest, their leases will
-            # expire and the jobs run again (at-least-once), which is better than dying.
-            dropped = len(self.pending) - MAX_PENDING_OUTCOMES
-            del self.pending[:dropped]
-            log.error("dropped %d buffered outcomes: database away too long", dropped)
-        self.dispatch()
 
     def pause_claims(self, seconds: float) -> None:
         self.paused_until = time.monotonic() + seconds
@@ -334,6 +369,8 @@ class Feeder:
             backoff = 0.1
             self._db_back()
             self._count(done.applied.values(), len(done.stale))
+            if self.gate is not None:
+                await self.gate.store()
             if done.stale:
                 log.info(
                     "%d outcomes refused: this node no longer owned those jobs", len(done.stale)
@@ -362,6 +399,15 @@ class Feeder:
     # -------------------------------------------------------------- release
     async def release(self, held: Sequence[Job], reason: str | None) -> int:
         """Give jobs back to the queue (a dead worker's, or unstarted ones at shutdown)."""
+        if self.gate is not None:
+            # jobs that waited for a twin this worker was running: run them here instead,
+            # or give them back with it when the node is stopping
+            back = self.gate.drop(held)
+            if self.claiming:
+                self.buffer.extendleft(reversed(back))
+                self.dispatch()
+            else:
+                held = [*held, *back]
         if not held:
             return 0
         pairs = [(j.job_id, j.token) for j in held]
@@ -387,6 +433,8 @@ class Feeder:
     async def release_buffer(self) -> int:
         jobs = list(self.buffer)
         self.buffer.clear()
+        if self.gate is not None:
+            jobs += self.gate.held()
         return await self.release(jobs, None)
 
     # ------------------------------------------------------ leases and reaper
