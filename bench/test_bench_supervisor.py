@@ -10,7 +10,7 @@ real PostgreSQL, from the first claim to the last completion.
 The jobs are committed in one transaction once the node is up and idle, so the
 figures leave out start-up (imports, forking) and measure only the work.
 
-Run: .venv/bin/pytest bench/test_bench_supervisor.py --benchmark-json=bench/results/supervisor-raw.json
+Run: .venv/bin/pytest bench/test_bench_supervisor.py
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def run_node(
             )
             cpu = meter.end(n.tree())
             first, last, ok = c.execute(
-                "SELECT min(started_at), max(finished_at), count(*) FILTER (WHERE status = 'succeeded')"
+                "SELECT min(started_at), max(finished_at),"
+                " count(*) FILTER (WHERE status = 'succeeded')"
                 " FROM genworker.jobs"
             ).fetchone()
         procs = n.tree()
