@@ -28,7 +28,8 @@ from setproctitle import setproctitle
 
 from . import channels as ch
 from .config import Settings
-from .feeder import Feeder
+from .feeder import DB_ERRORS, Feeder
+from .model import Job
 from .tasks import TaskOwner
 from .worker import EXIT_BOOT, EXIT_RECYCLE
 from .workers import Position, State, WorkerHandle
@@ -43,7 +44,10 @@ EXIT_CRASH_LOOP = 6  # every worker keeps dying: let systemd's restart policy ta
 
 MONITOR_S = 0.25
 KILL_GRACE_S = 2.0
+CHANNEL_EOF_S = 1.0  # after a worker's exit, how long its channel may take to deliver the rest
 BOOT_TIMEOUT_S = 60.0
+WATCHERS_S = 15.0  # at shutdown, how long dead workers' jobs may take to be given back
+CLAIM_STOP_S = 2.0  # at shutdown, how long a claim in progress may take to come back
 SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -87,6 +91,8 @@ class Arbiter:
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.tasks = TaskOwner(on_crash=self._task_crashed)
         self.reloading = False
+        self.zygote_lost = False
+        self.watchers: set[asyncio.Task[None]] = set()  # one per worker: its death is settled
         self.spawning: set[int] = set()
         self.started_at = time.monotonic()
 
@@ -161,12 +167,18 @@ class Arbiter:
         self.handles.append(h)
         try:
             self.zygote.spawn(slot, h.generation, theirs.fileno())
+        except OSError:
+            self.handles.remove(h)  # never started: no watcher would ever retire it
+            ours.close()
+            raise
         finally:
             theirs.close()
         h.chan = await ch.open_channel(
             ours, functools.partial(self._on_message, h), functools.partial(self._on_closed, h)
         )
-        self.tasks.spawn(self._watch(h), f"watch worker {position}", critical=False)
+        watcher = self.tasks.spawn(self._watch(h), f"watch worker {position}", critical=False)
+        self.watchers.add(watcher)
+        watcher.add_done_callback(self.watchers.discard)
 
     def _on_message(self, h: WorkerHandle, msg: tuple[str, Any]) -> None:
         kind, body = msg
@@ -184,6 +196,7 @@ class Arbiter:
                 self.feeder.wake.set()
 
     def _on_closed(self, h: WorkerHandle, exc: Exception | None) -> None:
+        h.channel_closed.set()
         # The process may still be alive (it closed its end): make sure it goes.
         if h.state is not State.DEAD and h.pid is not None:
             asyncio.get_running_loop().call_later(1.0, self._kill, h, signal.SIGKILL)
@@ -201,6 +214,7 @@ class Arbiter:
                 if not self.stopping:
                     log.error("the zygote died: cannot fork workers any more; shutting down")
                     self.finish(EXIT_FAILED)
+                self._zygote_gone()
                 return
             msg = pickle.loads(data)
             if msg[0] == "spawned":
@@ -209,44 +223,53 @@ class Arbiter:
                     if h.slot == slot and h.generation == gen:
                         h.pid = pid
                         self.by_pid[pid] = h
+                        if self.stopping and h.state is State.SPAWNING:
+                            self._kill(h, signal.SIGTERM)  # asked for before the stop
             elif msg[0] == "exited":
                 h = self.by_pid.pop(msg[1], None)
                 if h is not None and not h.exited.done():
                     h.exited.set_result(msg[2])
 
+    def _zygote_gone(self) -> None:
+        """The zygote reaped our workers and reported their exits; with it gone, nobody will.
+        Its workers die with it (PDEATHSIG): make sure of it, and settle them here, so their
+        jobs go back now rather than when their leases expire."""
+        self.zygote_lost = True
+        for h in self.live_handles():
+            h.lost_reason = "its zygote died"
+            self._kill(h, signal.SIGKILL)
+            if not h.exited.done():
+                h.exited.set_result(signal.SIGKILL)  # a wait status: killed by SIGKILL
+
     async def _watch(self, h: WorkerHandle) -> None:
         status = await h.exited
-        text, code, _sig = describe_exit(status)
-        h.state = State.DEAD
+        text, code, sig = describe_exit(status)
+        text = h.lost_reason or text
         if h.chan is not None:
-            h.chan.close()
-        with contextlib.suppress(OSError):
-            h.sock.close()
+            # Its last outcomes may still be in the socket: read up to the EOF (it comes at
+            # once, the process is gone) before deciding which jobs it still held.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(h.channel_closed.wait(), CHANNEL_EOF_S)
         progressed = h.jobs_finished() > 0
-        slot = self.block.slot(h.slot)
-        for i in ch.COUNTER_FIELDS.values():
-            self.retired[i] += slot[i]
-        for i in range(ch.LATENCY_BUCKET0, ch.LATENCY_BUCKET0 + len(ch.LATENCY_BUCKETS_S)):
-            self.retired[i] += slot[i]
-        ch.clear_slot(slot)
-        self.handles.remove(h)
-        jobs = list(h.jobs.values())
-        h.jobs.clear()
-        planned = h.stop_reason is not None and h.kill_reason is None and code in (0, EXIT_RECYCLE)
-        if code == EXIT_BOOT and h.ready_at is None:
+        lived_s = 0.0 if h.ready_at is None else time.monotonic() - h.ready_at
+        jobs = self._retire(h)
+        # Everything below that decides the restart runs before the first await: the
+        # monitor must not see a free position whose backoff is not recorded yet.
+        if code == EXIT_BOOT and h.ready_at is None and h.lost_reason is None:
             log.error(
                 "worker %d cannot start (see its message above); stopping the node", h.position
             )
             self.finish(EXIT_BOOT_FAILED)
-        count_death = not self.stopping or h.kill_reason is not None
+            await self.feeder.release(jobs, None)
+            return
+        planned = h.stop_reason is not None and h.kill_reason is None and code in (0, EXIT_RECYCLE)
         reason = h.kill_reason or text
-        if jobs:
-            await self.feeder.release(jobs, reason if count_death else None)
         if planned:
             log.info("worker %d (pid %s) stopped: %s", h.position, h.pid, h.stop_reason)
+            if jobs:
+                log.warning("worker %d left %d jobs unfinished", h.position, len(jobs))
             self.positions.get(h.position, Position(h.position)).record_clean_exit()
-            return
-        if self.stopping:
+        elif (self.stopping or self.zygote_lost) and h.kill_reason is None:
             log.info(
                 "worker %d (pid %s) %s during shutdown; %d jobs given back",
                 h.position,
@@ -254,17 +277,51 @@ class Arbiter:
                 text,
                 len(jobs),
             )
+        else:
+            self._record_death(h, reason, sig, progressed, lived_s, len(jobs))
+            await self.feeder.release(jobs, reason)
             return
+        await self.feeder.release(jobs, None)  # not their fault: no death counted
+
+    def _retire(self, h: WorkerHandle) -> list[Job]:
+        """Forget a dead worker: close its channel, keep its counters, free its slot; returns
+        the jobs it still held."""
+        h.state = State.DEAD
+        if h.chan is not None:
+            h.chan.close()
+        with contextlib.suppress(OSError):
+            h.sock.close()
+        slot = self.block.slot(h.slot)
+        for i in ch.COUNTER_FIELDS.values():
+            self.retired[i] += slot[i]
+        for i in range(ch.LATENCY_BUCKET0, ch.LATENCY_BUCKET0 + len(ch.LATENCY_BUCKETS_S)):
+            self.retired[i] += slot[i]
+        ch.clear_slot(slot)
+        self.handles.remove(h)
+        self.by_pid.pop(h.pid or 0, None)
+        jobs = list(h.jobs.values())
+        h.jobs.clear()
+        return jobs
+
+    def _record_death(
+        self,
+        h: WorkerHandle,
+        reason: str,
+        sig: int | None,
+        progressed: bool,
+        lived_s: float,
+        n_jobs: int,
+    ) -> None:
         pos = self.positions.setdefault(h.position, Position(h.position))
-        delay = pos.record_death(progressed)
-        key = "heartbeat_timeout" if h.kill_reason else ("signal" if _sig else "exit")
+        delay = pos.record_death(progressed, lived_s=lived_s)
+        key = "heartbeat_timeout" if h.kill_reason else ("signal" if sig else "exit")
         self.restarts_by_reason[key] = self.restarts_by_reason.get(key, 0) + 1
         log.warning(
             "worker %d (pid %s) died: %s; %d jobs back in the queue; restarting in %.1fs%s",
             h.position,
             h.pid,
             reason,
-            len(jobs),
+            n_jobs,
             delay,
             " (crash loop: held back, node degraded)" if pos.held_back else "",
         )
@@ -323,6 +380,8 @@ class Arbiter:
                 self.recycle(h, f"RSS {h.counter(ch.RSS) / 2**20:.0f} MB over --max-worker-memory")
 
     def _keep_positions(self, now: float) -> None:
+        if self.zygote_lost:
+            return
         active = {
             h.position for h in self.live_handles() if h.state in (State.SPAWNING, State.READY)
         }
@@ -337,7 +396,8 @@ class Arbiter:
 
     async def _spawn_position(self, p: int) -> None:
         try:
-            await self.spawn(p)
+            if not self.stopping:
+                await self.spawn(p)
         finally:
             self.spawning.discard(p)
 
@@ -405,12 +465,17 @@ class Arbiter:
         if self.reloading or self.stopping:
             return
         self.reloading = True
+        # A task of its own: replacing workers takes a while, and a TERM meanwhile must not
+        # wait in the signal queue until it is done.
+        self.tasks.spawn(self._reload(), "reload", critical=False)
+
+    async def _reload(self) -> None:
         try:
-            await self._reload()
+            await self._replace_all()
         finally:
             self.reloading = False
 
-    async def _reload(self) -> None:
+    async def _replace_all(self) -> None:
         if self.reload_settings is not None:
             try:
                 new = self.reload_settings()
@@ -436,6 +501,8 @@ class Arbiter:
                 ):
                     break
                 await asyncio.sleep(0.05)
+        if self.stopping:
+            return
         log.info("HUP: every worker replaced")
         if self.hooks is not None:
             self.hooks.reloaded()
@@ -445,23 +512,30 @@ class Arbiter:
         self.stopping = True
         if self.hooks is not None:
             self.hooks.stopping(self)
-        self.feeder.claiming = False
-        self.feeder.wake.set()
+        await self._stop_claiming()
         released = await self.feeder.release_buffer()
         if released:
             log.info("gave back %d buffered jobs", released)
         for h in self.live_handles():
+            if h.state is State.SPAWNING:
+                self._kill(h, signal.SIGTERM)  # holds no job: no need to wait for its boot
             h.ask_stop("shutdown")
         await self._wait_workers(self.settings.graceful_timeout_s)
         for h in self.live_handles():
             self._kill(h, signal.SIGKILL)
-        await self._wait_workers(5.0, immediate_ok=False)
+        await self._wait_workers(WATCHERS_S, immediate_ok=False)
+        if self.live_handles() or self.watchers:
+            log.warning("some workers' jobs were not given back; their leases will expire")
         self.stop_event.set()
         await self.tasks.close(wait_for=("write",), timeout_s=15.0)
-        with contextlib.suppress(Exception):
+        await self._release_leftovers()
+        try:
             await self.feeder.queue.stop_node(self.node)
+        except DB_ERRORS as e:
+            log.warning("could not mark node %s stopped: %s", self.node, type(e).__name__)
         await self.feeder.close()
-        asyncio.get_running_loop().remove_reader(self.zygote.sock.fileno())
+        with contextlib.suppress(ValueError, OSError):  # gone already if the zygote died
+            asyncio.get_running_loop().remove_reader(self.zygote.sock.fileno())
         self.zygote.close()
         log.info(
             "stopped: %d jobs succeeded, %d dead, %d retried on this run",
@@ -470,16 +544,50 @@ class Arbiter:
             self.feeder.stats.retried,
         )
 
+    async def _stop_claiming(self) -> None:
+        """End the claim loop before giving the buffer back: a claim that returned after the
+        buffer was emptied would fill it again with jobs nobody runs."""
+        self.feeder.claiming = False
+        self.feeder.wake.set()
+        claim = self.tasks.named("claim")
+        if claim:
+            _, late = await asyncio.wait(claim, timeout=CLAIM_STOP_S)
+            for t in late:  # stuck on the database: whatever it claimed, the sweep gives back
+                t.cancel()
+
+    async def _release_leftovers(self) -> None:
+        """Every worker is gone and every outcome written: whatever this node still holds runs
+        nowhere. Give it back now rather than when its lease expires."""
+        if self.feeder.pending:
+            return  # unwritten outcomes: those jobs ran; let their leases decide
+        try:
+            n = await self.feeder.queue.release_node(self.node)
+        except DB_ERRORS as e:
+            log.warning("could not give back what is left: %s", type(e).__name__)
+            return
+        if n:
+            log.warning("gave back %d jobs no worker held at shutdown", n)
+
     async def _wait_workers(self, timeout_s: float, immediate_ok: bool = True) -> None:
+        """Until every worker has exited and its watcher has given its jobs back."""
         deadline = time.monotonic() + timeout_s
-        while self.live_handles() and time.monotonic() < deadline:
+        while (self.live_handles() or self.watchers) and time.monotonic() < deadline:
             if immediate_ok and self.immediate.is_set():
                 return
             if self.hooks is not None:
                 self.hooks.draining(deadline - time.monotonic())
-            waits = [h.exited for h in self.live_handles()]
-            await asyncio.wait(waits, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
-            await asyncio.sleep(0)  # let the watchers give the jobs back
+            waits: set[asyncio.Future[Any]] = set(self.watchers)
+            waits.update(h.exited for h in self.live_handles() if not h.exited.done())
+            immediate = asyncio.ensure_future(self.immediate.wait())
+            waits.add(immediate)
+            try:
+                await asyncio.wait(
+                    waits,
+                    timeout=min(0.5, max(0.01, deadline - time.monotonic())),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                immediate.cancel()
 
     def node_info(self) -> dict[str, Any]:
         """What this node publishes in the nodes table (read by `genworker status`)."""

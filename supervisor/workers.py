@@ -38,12 +38,16 @@ class WorkerHandle:
     stop_reason: str | None = None  # why we asked it to stop (shutdown, reload, recycle ...)
     kill_reason: str | None = None  # why we killed it (heartbeat timeout ...): counts as a death
     recycle_after: int = 0  # jobs before recycling (0: never)
+    lost_reason: str | None = None  # it died of something not its own (its zygote died)
     exited: asyncio.Future[int] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    channel_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def free_slots(self) -> int:
         if self.state is not State.READY or self.chan is None or self.chan.closed:
+            return 0
+        if self.exited.done():  # dead, its watcher is reading the last of its channel
             return 0
         limit = int(self.block.slot(self.slot)[ch.LIMIT]) or self.max_limit
         return max(0, min(limit, self.max_limit) - len(self.jobs))
@@ -81,10 +85,11 @@ class Position:
     """Restart policy of one logical worker.
 
     The first restart is immediate-ish (0.1 s), then doubles up to `cap_s`. A worker
-    that finished a job before dying made progress, so its death resets the
-    count: a crash loop is dying again and again without doing any work. After
-    `hold_after` deaths in a row without progress the position is held back
-    (degraded) and retried only every `cap_s`.
+    that finished a job, or stayed up for `stable_s`, before dying made progress, so
+    its death resets the count: a crash loop is dying again and again without doing
+    any work. (Without the stable period, an idle node whose workers die once an hour
+    would end up held back.) After `hold_after` deaths in a row without progress the
+    position is held back (degraded) and retried only every `cap_s`.
     """
 
     index: int
@@ -94,9 +99,13 @@ class Position:
     base_s: float = 0.1
     cap_s: float = 30.0
     hold_after: int = 5
+    stable_s: float = 60.0
 
-    def record_death(self, progressed: bool, now: float | None = None) -> float:
+    def record_death(
+        self, progressed: bool, now: float | None = None, *, lived_s: float = 0.0
+    ) -> float:
         now = time.monotonic() if now is None else now
+        progressed = progressed or lived_s >= self.stable_s
         self.failures = 1 if progressed else self.failures + 1
         delay = min(self.cap_s, self.base_s * 2 ** (self.failures - 1))
         if self.held_back:
