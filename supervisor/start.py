@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from setproctitle import setproctitle
+
 from . import channels as ch
 from .arbiter import EXIT_FAILED, Arbiter, run_coroutine
 from .config import Settings
@@ -96,6 +98,9 @@ class SimProcess:
 def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     from .cli import settings_from_args
 
+    # Replace our argv in `ps` at once: it may hold --api-key or a DSN with a password, and
+    # the zygote, forked below, would carry a copy of it until it sets its own title.
+    setproctitle(f"genworker: supervisor node={settings.resolved_node_id} starting")
     check_settings(settings)
     setup_logging(settings)
     block = ch.SharedBlock(MAX_SLOTS)

@@ -85,12 +85,15 @@ class Zygote:
         self.sock = sock
         self.settings = settings
         self.worker_main = worker_main
+        self.parent_pid = parent_pid
         self.children: set[int] = set()
         self.sigchld_r, self.sigchld_w = os.pipe()
 
     def run(self) -> int:
         setproctitle("genworker: zygote")
         die_with_parent(signal.SIGKILL)
+        if os.getppid() != self.parent_pid:
+            return 1  # the supervisor died before PDEATHSIG was armed: it will never fire
         # The supervisor decides when everyone stops; Ctrl-C reaches the whole group.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -129,6 +132,7 @@ class Zygote:
         return True
 
     def spawn(self, slot: int, generation: int, fd: int) -> None:
+        zygote_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             self.sock.close()
@@ -144,6 +148,8 @@ class Zygote:
             ):
                 signal.signal(sig, signal.SIG_DFL)
             die_with_parent(signal.SIGKILL)
+            if os.getppid() != zygote_pid:
+                os._exit(1)  # the zygote died before PDEATHSIG was armed
             chan = socket.socket(fileno=fd)
             self.worker_main(slot, generation, chan, self.settings)
         os.close(fd)
