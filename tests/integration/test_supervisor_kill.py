@@ -1,0 +1,129 @@
+"""SIGKILL of a worker: its jobs are given back at once and finish exactly once, the slot
+restarts, the death is counted, and no zombie is left behind. Real processes, real
+PostgreSQL, the simulated API over real HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+from pathlib import Path
+
+import psycopg
+from supervisor_harness import (
+    Launcher,
+    Node,
+    jobs,
+    launch_fixture,  # noqa: F401  (the launch fixture)
+    node_info,
+    processes,
+    status_counts,
+    wait_all_finished,
+    wait_for,
+)
+
+from supervisor.client import Client
+
+SLOTS = 5
+TITLE = re.compile(r"^genworker: worker (\d+) inflight=(\d+)/(\d+) done=(\d+)")
+
+
+def busy_workers(node: Node) -> dict[int, int]:
+    """{slot: pid} of workers whose title says every slot is busy and a job is done (steady)."""
+    out = {}
+    for slot, pid in node.workers().items():
+        title = processes().get(pid)
+        m = TITLE.match(title.title) if title else None
+        if m and int(m[2]) == SLOTS and int(m[4]) > 0:
+            out[slot] = pid
+    return out
+
+
+def deaths(conn: psycopg.Connection) -> dict[int, int]:
+    rows = conn.execute("SELECT id, deaths FROM genworker.jobs WHERE deaths > 0").fetchall()
+    return {i: d for i, d in rows}
+
+
+def keep_queue_full(client: Client, conn: psycopg.Connection, at_least: int) -> None:
+    c = status_counts(conn)
+    while c.get("queued", 0) < at_least:
+        client.submit("start", "a lighthouse at dawn")
+        c = status_counts(conn)
+
+
+def test_sigkill_of_a_busy_worker_twenty_times_loses_and_repeats_nothing(
+    launch: Launcher, client: Client, conn: psycopg.Connection
+) -> None:
+    sim = launch.sim(latency_ms=300)
+    # Random kills land on the same job now and then (released jobs are the most urgent, so
+    # they are claimed again at once); at the default of 3 such a job would go dead as poison,
+    # which test_supervisor_crashes covers. Here every job must survive.
+    node = launch.node(sim, "test-kill", "--max-worker-deaths", "100", workers=3, lease_s=10)
+    keep_queue_full(client, conn, 60)
+    node.wait_workers(3)
+    rng = random.Random(7)
+    killed: list[tuple[int, int, set[int]]] = []  # (slot, pid, the jobs it held)
+    for _ in range(20):
+        keep_queue_full(client, conn, 60)
+        busy = wait_for(lambda: busy_workers(node), "a worker with 5 jobs in flight", 15)
+        slot = rng.choice(sorted(busy))
+        pid = busy[slot]
+        before = deaths(conn)
+        node.check_running()
+        os.kill(pid, signal.SIGKILL)
+        # The supervisor knows what the worker held: those jobs are back at once, well
+        # before any lease (10 s) could expire.
+        after = wait_for(lambda b=before: deaths(conn) != b and deaths(conn), "jobs given back", 3)
+        held = {i for i, d in after.items() if d != before.get(i, 0)}
+        assert len(held) == SLOTS, f"worker {slot} held {len(held)} jobs, not {SLOTS}"
+        assert all(after[i] == before.get(i, 0) + 1 for i in held)
+        # the slot restarts under a new pid, and the old one is reaped (no zombie left)
+        wait_for(
+            lambda s=slot, p=pid: node.workers().get(s) not in (None, p), f"worker {slot} back", 10
+        )
+        wait_for(lambda p=pid: p not in processes(), f"pid {pid} reaped", 3)
+        killed.append((slot, pid, held))
+
+    wait_all_finished(conn, sum(1 for _ in jobs(conn)), timeout_s=60)
+    assert set(status_counts(conn)) == {"succeeded"}, status_counts(conn)
+
+    rows = jobs(conn)
+    calls = sim.calls()
+    died = {i for _, _, held in killed for i in held}
+    for j in rows:
+        # a death is not an attempt; every claim bumps the token; the result is the file
+        assert j["attempts"] == 1, j
+        assert j["token"] == j["deaths"] + 1, j
+        by_token = calls.get(j["id"], {})
+        assert by_token.get(j["token"]) == 1, (j, by_token)  # the final run called once
+        if j["id"] in died:
+            assert j["token"] > 1, j  # called again after the kill
+            assert sum(by_token.values()) <= j["deaths"] + 1, (j, by_token)
+        else:
+            assert j["deaths"] == 0, j
+            assert sum(by_token.values()) == 1, (j, by_token)
+        path = Path(j["result"]["path"])
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == j["result"]["sha256"]
+    assert sum(j["deaths"] for j in rows) == 20 * SLOTS
+    bad_tasks = conn.execute(
+        "SELECT id, status, n_succeeded, n_jobs FROM genworker.tasks"
+        " WHERE status <> 'succeeded' OR n_succeeded <> n_jobs"
+    ).fetchall()
+    assert not bad_tasks
+
+    # every death was counted and logged with its cause and the jobs it gave back
+    wait_for(
+        lambda: node_info(conn, "test-kill").get("restarts") == {"signal": 20},
+        "20 restarts in the node's info",
+        5,
+    )
+    log = node.log()
+    for slot, pid, _ in killed:
+        assert re.search(
+            rf"worker {slot} \(pid {pid}\) died: killed by SIGKILL.*; 5 jobs back in the queue",
+            log,
+        ), log[-2000:]
+    zombies = [p for p in node.tree() if p.state == "Z"]
+    assert not zombies, zombies
