@@ -16,7 +16,7 @@ from .cli import print_json
 from .client import Client, TaskInfo
 from .config import FIELDS, Settings, display_value, env_name, flag_name, mask_dsn
 from .db import connect, resolve_dsn, translated
-from .errors import GenworkerError, InvalidParams
+from .errors import GenworkerError, InvalidParams, InvalidPrompt
 from .model import TaskStatus
 
 WATCH_S = 2.0
@@ -27,8 +27,7 @@ def _open(settings: Settings, *, migrated: bool = True) -> psycopg.Connection:
     dsn = resolve_dsn(settings)
     conn = connect(dsn, timeout_s=settings.db_pool_timeout_s)
     if migrated:
-        have = schema.schema_version(conn)
-        if settings.database_url is None and (have is None or have < len(sql.migrations())):
+        if settings.database_url is None:
             # the embedded server is ours: bring it up to date instead of asking the user to.
             # Without settings: plans are synced by `migrate` and `start`, not by every command.
             schema.migrate(conn)
@@ -85,6 +84,8 @@ def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             raise InvalidParams(f"--params is not valid JSON: {e}") from None
         if not isinstance(params, dict):
             raise InvalidParams("--params must be a JSON object")
+    if args.prompt is None and args.kind == "image" and "prompt" not in params:
+        raise InvalidPrompt('--prompt is required for image jobs, e.g. --prompt "a lighthouse"')
     if args.sources.get("size") == "flag":
         params["size"] = settings.size
     if args.sources.get("model") == "flag":

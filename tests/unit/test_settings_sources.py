@@ -1,0 +1,82 @@
+"""Where settings come from: flag > environment > TOML file (--config, $GENWORKER_CONFIG,
+or /etc/genworker/genworker.toml when present) > default."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from supervisor import config
+from supervisor.config import ConfigError, build
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path: Path) -> None:
+    toml = tmp_path / "g.toml"
+    toml.write_text("workers = 3\nconcurrency = 2\nlease_s = 12.5\n")
+    env = {"GENWORKER_CONFIG": str(toml), "GENWORKER_WORKERS": "4", "GENWORKER_CONCURRENCY": "6"}
+    settings, sources = build({"workers": "5"}, env)
+    assert (settings.workers, sources["workers"]) == (5, "flag")
+    assert (settings.concurrency, sources["concurrency"]) == (6, "env GENWORKER_CONCURRENCY")
+    assert (settings.lease_s, sources["lease_s"]) == (12.5, f"file {toml}")
+    assert (settings.claim_batch, sources["claim_batch"]) == (100, "default")
+    assert sources["config_file"] == "env GENWORKER_CONFIG"
+
+
+def test_the_default_file_is_read_when_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = tmp_path / "etc" / "genworker.toml"
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", default)
+    assert build({}, {})[0].workers == 8  # absent: no error, defaults
+    default.parent.mkdir()
+    default.write_text("workers = 2\n")
+    settings, sources = build({}, {})
+    assert (settings.workers, sources["workers"]) == (2, f"file {default}")
+    other = tmp_path / "other.toml"
+    other.write_text("workers = 7\n")
+    assert build({"config_file": str(other)}, {})[0].workers == 7  # --config replaces it
+
+
+def test_database_url_comes_from_database_url_first() -> None:
+    env = {"DATABASE_URL": "postgresql://a@h/one", "GENWORKER_DATABASE_URL": "postgresql://b@h/x"}
+    assert build({}, env)[0].database_url == "postgresql://a@h/one"
+    assert build({}, {"GENWORKER_DATABASE_URL": "postgresql://b@h/x"})[0].database_url.endswith(
+        "/x"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("workers = 'many'\n", "expected int"),
+        ("workers = 0\n", "at least 1"),
+        ("wrokers = 3\n", "unknown setting 'wrokers'"),
+        ("workers = \n", "not valid TOML"),
+    ],
+)
+def test_a_bad_file_is_one_clear_error(tmp_path: Path, text: str, words: str) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        build({"config_file": str(toml)}, {})
+
+
+def test_the_readmes_toml_example_is_valid(tmp_path: Path) -> None:
+    block = re.search(r"```toml\n(.*?)```", README.read_text(), re.S)
+    assert block, "README.md has no TOML example"
+    toml = tmp_path / "readme.toml"
+    toml.write_text(block[1])
+    settings, sources = build({"config_file": str(toml)}, {})
+    assert settings.workers == 16
+    assert [(p.name, p.images) for p in settings.plans] == [
+        ("free", 2),
+        ("start", 30),
+        ("pro", 70),
+    ]
+    assert all(
+        src.startswith("file") for name, src in sources.items() if name in ("workers", "api_url")
+    )
