@@ -106,11 +106,17 @@ class Queue:
         if n <= 0:
             return []
         rows = await self._rows("claim_jobs", {"node": node, "n": n, "lease_s": lease_s})
+        # A batch holds few tasks: decode each task's params once (its jobs share the dict,
+        # which nobody mutates: workers get their own copy through the pipe).
+        by_text: dict[str, dict[str, Any]] = {}
+        jobs = []
         # Rows are (job_id, token, task_id, idx, kind, attempt, params); Job puts params first.
-        return [
-            Job(job_id, token, task_id, idx, kind, params, attempt)
-            for job_id, token, task_id, idx, kind, attempt, params in rows
-        ]
+        for job_id, token, task_id, idx, kind, attempt, text in rows:
+            params = by_text.get(text)
+            if params is None:
+                params = by_text[text] = json.loads(text)
+            jobs.append(Job(job_id, token, task_id, idx, kind, params, attempt))
+        return jobs
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
         """Write outcomes (each RETRY/SNOOZE with its delay in retry_after_s), fenced."""
