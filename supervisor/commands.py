@@ -270,6 +270,11 @@ def _watch(conn: psycopg.Connection, *, json_lines: bool) -> int:
                 time.sleep(WATCH_S)
                 doc = status_document(conn, doc)
         console = Console()
+        if not console.is_terminal:  # a pipe or a file: one screen after the other
+            while True:
+                console.print(status_view(doc))
+                time.sleep(WATCH_S)
+                doc = status_document(conn, doc)
         with Live(status_view(doc), console=console, auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(WATCH_S)

@@ -112,3 +112,17 @@ def test_ctrl_c_stops_the_demo_and_everything_it_started(dsn: str, tmp_path: Pat
         assert "Traceback" not in demo.output()
     finally:
         demo.stop()
+
+
+def test_a_node_that_cannot_start_ends_the_demo_with_its_reason(dsn: str, tmp_path: Path) -> None:
+    xdg = str(tmp_path / "xdg")
+    bad = ["--handler", "image=no_such_module:run", "--workers", "1"]
+    done = run(
+        ["demo", "--pro", "1", "--free", "0", "--start", "0", *bad], env_for(dsn, XDG_DATA_HOME=xdg)
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "no_such_module" in lines[0]
+    assert "node.log" in lines[0]
+    assert until(lambda: not _processes_with("XDG_DATA_HOME", xdg), 30, "children to exit")
