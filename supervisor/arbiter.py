@@ -226,9 +226,9 @@ class Arbiter:
                         if self.stopping and h.state is State.SPAWNING:
                             self._kill(h, signal.SIGTERM)  # asked for before the stop
             elif msg[0] == "exited":
-                h = self.by_pid.pop(msg[1], None)
-                if h is not None and not h.exited.done():
-                    h.exited.set_result(msg[2])
+                gone = self.by_pid.pop(msg[1], None)
+                if gone is not None and not gone.exited.done():
+                    gone.exited.set_result(msg[2])
 
     def _zygote_gone(self) -> None:
         """The zygote reaped our workers and reported their exits; with it gone, nobody will.

@@ -104,12 +104,12 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         try:
             while True:
-                ready, _, _ = select.select([self.sock, self.sigchld_r], [], [], 1.0)
+                ready, _, _ = select.select([self.sock.fileno(), self.sigchld_r], [], [], 1.0)
                 if self.sigchld_r in ready:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.sigchld_r, 4096)
                 self.reap()
-                if self.sock in ready and not self.handle_request():
+                if self.sock.fileno() in ready and not self.handle_request():
                     break
         finally:
             self.stop_children()
