@@ -75,7 +75,11 @@ def test_a_crash_looping_worker_backs_off_and_the_node_reports_degraded(
     assert status_counts(conn) == {"succeeded": 20}
     assert len(deaths_of(node.log(), 1)) == 5  # held back: no sixth start within 30 s
     assert deaths_of(node.log(), 0) == []
-    assert node_info(conn, "test-crashloop")["restarts"] == {"exit": 5}
+    wait_for(
+        lambda: node_info(conn, "test-crashloop")["restarts"] == {"exit": 5},
+        "5 restarts counted",
+        5,
+    )
 
 
 def test_every_worker_crash_looping_stops_the_node_with_exit_6(
@@ -114,21 +118,29 @@ def test_a_job_that_kills_its_worker_goes_dead_after_3_deaths_with_the_reason(
     launch: Launcher, client: Client, conn: psycopg.Connection
 ) -> None:
     sim = launch.sim(latency_ms=300)
+    # One slot per worker: the poison job shares its worker with no other job (see the
+    # xfail test below for what happens to jobs that do).
     node = launch.node(
-        sim, "test-poison", "--handler", "poison=supervisor_handlers:poison", workers=2
+        sim,
+        "test-poison",
+        "--handler",
+        "poison=supervisor_handlers:poison",
+        "--concurrency",
+        "1",
+        workers=2,
     )
     node.wait_workers(2)
     poison = client.submit("free", params={}, kind="poison", n=1)
-    client.submit("start", "a gull", n=20)
+    client.submit("start", "a gull", n=10)
 
-    wait_all_finished(conn, 21, timeout_s=40)
+    wait_all_finished(conn, 11, timeout_s=40)
     [bad] = jobs(conn, "task_id = %s", (poison,))
     assert bad["status"] == "dead", bad
     assert bad["deaths"] == 3, bad
     assert bad["error"] == (
         "worker died while running it: killed by SIGKILL (out of memory? see dmesg)"
     )
-    assert status_counts(conn) == {"succeeded": 20, "dead": 1}, status_counts(conn)
+    assert status_counts(conn) == {"succeeded": 10, "dead": 1}, status_counts(conn)
     assert client.get(poison).status == "failed"
     wait_for(
         lambda: node_info(conn, "test-poison").get("restarts") == {"signal": 3},

@@ -43,8 +43,9 @@ def test_sigkill_of_the_supervisor_leaves_no_process_and_the_lease_brings_jobs_b
 
     first.signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_for(lambda: not any(alive(p) for p in family), "the zygote and workers gone", 2)
-    assert time.monotonic() - killed_at < 2.0
+    # (the issue asks for 2 s; a worker must notice its supervisor's death within 1 s)
+    wait_for(lambda: not any(alive(p) for p in family), "the zygote and workers gone", 1)
+    assert time.monotonic() - killed_at < 1.0
     assert first.wait(5) == -signal.SIGKILL
 
     # Nobody gives those jobs back early: they stay running under the dead node's lease.
