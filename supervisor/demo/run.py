@@ -102,10 +102,10 @@ def _run(opts: Options, settings: Settings, sources: dict[str, str], view: View)
         sim, url = start_sim(
             opts.latency_ms, opts.jitter_ms, opts.fail_rate, opts.morning.seed, workdir / "sim.log"
         )
-        stack.callback(_stop, sim, 5.0)
+        stack.callback(sim.stop, 5.0)
         log_path = workdir / "node.log"
         node = start_node(node_flags(settings, sources, url, node_id, workdir), dsn, log_path)
-        stack.callback(_stop, node, settings.graceful_timeout_s + 15.0)
+        stack.callback(node.stop, _effective(settings, sources, "graceful_timeout_s") + 15.0)
         stack.callback(view.close)  # first of all: leave the terminal tidy, then stop children
         with connect(dsn, timeout_s=settings.db_pool_timeout_s) as conn:
             wait_until_ready(conn, node_id, settings.workers, node, log_path)
@@ -116,13 +116,16 @@ def _run(opts: Options, settings: Settings, sources: dict[str, str], view: View)
             tasks = [client.get(t.id, jobs=True) for t in tasks]  # attempts: the retries
             # the node publishes its counters at each heartbeat (every lease/3)
             calls = sum(j.attempts for t in tasks for j in t.jobs)
-            lease = settings.lease_s if sources.get("lease_s") == "flag" else _DEFAULTS["lease_s"]
+            lease = _effective(settings, sources, "lease_s")
             busy = wait_for_busy(conn, node_id, calls, timeout_s=max(15.0, 2.5 * lease / 3))
     return document(opts, settings, tasks, busy)
 
 
-def _stop(child: Child, timeout_s: float) -> None:
-    child.stop(timeout_s)
+def _effective(settings: Settings, sources: dict[str, str], name: str) -> float:
+    """A setting as the demo's node sees it: the user's flag, else the demo's own default."""
+    if sources.get(name) == "flag" or name not in _DEFAULTS:
+        return float(getattr(settings, name))
+    return _DEFAULTS[name]
 
 
 @contextlib.contextmanager
