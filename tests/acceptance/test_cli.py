@@ -207,3 +207,24 @@ def test_config_masks_secrets_and_names_each_source(tmp_path: Path) -> None:
     )
     assert "5" in next(line for line in done.stdout.splitlines() if line.startswith("workers"))
     assert "flag" in next(line for line in done.stdout.splitlines() if line.startswith("workers"))
+
+
+def test_status_shows_the_api_error_rate_and_the_nodes_alarms(dsn: str, tmp_path: Path) -> None:
+    env = env_for(dsn)
+    with (
+        sim_api(tmp_path, "--fail-401", "1.0", "--latency-ms", "5") as url,
+        node(env, tmp_path, "--api-url", url, "--api-key", "sk-wrong"),
+    ):
+        assert run(["submit", "--plan", "free", "--prompt", "x"], env).returncode == 0
+
+        def alarmed() -> dict | None:
+            doc = run_json(["status"], env)
+            return doc if doc["alarms"] and doc["rates"]["api_error_rate"] else None
+
+        doc = until(alarmed, what="the node to publish its alarm")
+        human = run(["status"], env).stdout
+    assert doc["alarms"][0]["name"] == "bad_api_key"
+    assert doc["rates"]["api_error_rate"] == 1.0
+    assert "ALARM bad_api_key" in human
+    assert "100.0%" in human
+    assert "sk-wrong" not in human + json.dumps(doc)
