@@ -30,7 +30,7 @@ from .db import connect, resolve_dsn
 from .errors import GenworkerError, UsageError
 from .schema import migrate
 from .worker import worker_main
-from .zygote import ZygoteHandle, start_zygote
+from .zygote import ZygoteHandle, die_with_parent, start_zygote
 
 log = logging.getLogger("genworker.start")
 
@@ -74,6 +74,9 @@ class SimProcess:
             stdin=subprocess.DEVNULL,
             text=True,
             start_new_session=True,  # Ctrl-C is ours to handle; we stop it ourselves
+            # ... and if we are SIGKILLed, it must not live on: no orphans. (No thread runs
+            # yet, so preexec_fn is safe here.)
+            preexec_fn=functools.partial(_die_with, os.getpid()),
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
@@ -93,6 +96,13 @@ class SimProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _die_with(parent_pid: int) -> None:
+    """In a child before exec: get SIGTERM when the supervisor dies, or go now if it has."""
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def cmd_start(args: argparse.Namespace, settings: Settings) -> int:

@@ -164,7 +164,7 @@ class Node:
     def __init__(
         self,
         dsn: str,
-        api_url: str,
+        api_url: str | None,
         node_id: str,
         workdir: Path,
         *args: str,
@@ -175,7 +175,8 @@ class Node:
         self.node_id = node_id
         self.log_path = workdir / f"{node_id}.log"
         self.output_dir = workdir / "out"
-        cmd = [GENWORKER, "start", "--workers", str(workers), "--api-url", api_url]
+        cmd = [GENWORKER, "start", "--workers", str(workers)]
+        cmd += ["--api-url", api_url] if api_url else []  # none: the node runs its own sim
         cmd += ["--node-id", node_id, "--lease", str(lease_s), "--http", ""]
         cmd += ["--output-dir", str(self.output_dir), *args]
         full_env = {
@@ -293,9 +294,9 @@ class Launcher:
         self.sims.append(s)
         return s
 
-    def node(self, sim: Sim, node_id: str, *args: str, **kw: Any) -> Node:
+    def node(self, sim: Sim | None, node_id: str, *args: str, **kw: Any) -> Node:
         dsn = kw.pop("dsn", self.dsn)
-        n = Node(dsn, sim.url, node_id, self.workdir, *args, **kw)
+        n = Node(dsn, sim.url if sim else None, node_id, self.workdir, *args, **kw)
         self.nodes.append(n)
         return n
 

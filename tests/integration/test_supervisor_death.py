@@ -14,6 +14,7 @@ from supervisor_harness import (
     alive,
     jobs,
     launch_fixture,  # noqa: F401  (the launch fixture)
+    processes,
     status_counts,
     wait_all_finished,
     wait_for,
@@ -92,3 +93,21 @@ def test_sigkill_of_the_zygote_stops_the_node_and_gives_its_jobs_back(
     # the jobs did not wait for their 30 s lease
     assert status_counts(conn) == {"queued": 10}, status_counts(conn)
     wait_for(lambda: not node.tree(), "every process of the node gone", 3)
+
+
+def test_the_built_in_simulated_api_does_not_outlive_its_supervisor(
+    launch: Launcher, client: Client, conn: psycopg.Connection
+) -> None:
+    node = launch.node(None, "test-own-sim", workers=1)  # no --api-url: it starts the sim
+    node.wait_workers(1)
+    client.submit("free", "a snipe")
+    wait_all_finished(conn, 2, timeout_s=20)
+    sims = [p.pid for p in processes().values() if p.ppid == node.pid and "api.sim" in p.title]
+    assert len(sims) == 1, [p.title for p in processes().values() if p.ppid == node.pid]
+
+    node.signal(signal.SIGKILL)
+    try:
+        wait_for(lambda: not alive(sims[0]), "the sim gone with its supervisor", 2)
+    finally:
+        if alive(sims[0]):
+            os.kill(sims[0], signal.SIGKILL)
