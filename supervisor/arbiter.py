@@ -512,15 +512,24 @@ class Arbiter:
         self.stopping = True
         if self.hooks is not None:
             self.hooks.stopping(self)
-        await self._stop_claiming()
-        released = await self.feeder.release_buffer()
-        if released:
-            log.info("gave back %d buffered jobs", released)
+        # Workers first: they drain while the buffer goes back (which may take long
+        # when the database is away).
         for h in self.live_handles():
             if h.state is State.SPAWNING:
                 self._kill(h, signal.SIGTERM)  # holds no job: no need to wait for its boot
             h.ask_stop("shutdown")
-        await self._wait_workers(self.settings.graceful_timeout_s)
+        graceful_until = time.monotonic() + self.settings.graceful_timeout_s
+        await self._stop_claiming()
+        try:
+            released = await asyncio.wait_for(
+                self.feeder.release_buffer(), max(1.0, self.settings.graceful_timeout_s)
+            )
+        except TimeoutError:
+            released = 0
+            log.warning("buffered jobs not given back in time; their leases will expire")
+        if released:
+            log.info("gave back %d buffered jobs", released)
+        await self._wait_workers(graceful_until - time.monotonic())
         for h in self.live_handles():
             self._kill(h, signal.SIGKILL)
         await self._wait_workers(WATCHERS_S, immediate_ok=False)
