@@ -44,7 +44,10 @@ async def _drain(dsn: str, node: str, deadline: float) -> dict[str, Any]:
 
 def _claimer(dsn: str, node: str, start: Any, results: Any, deadline: float) -> None:
     start.wait(60)  # all four begin together, after their slow spawn-time imports
-    results.put(asyncio.run(_drain(dsn, node, deadline)))
+    try:
+        results.put(asyncio.run(_drain(dsn, node, deadline)))
+    except Exception as e:  # a deadlock or a lost connection: the parent fails with it
+        results.put({"node": node, "error": f"{type(e).__name__}: {e}"})
 
 
 @pytest.mark.timeout(120)
@@ -74,6 +77,7 @@ def test_four_processes_complete_every_job_exactly_once(dsn: str, conn: psycopg.
                 p.kill()
                 p.join(5)
 
+    assert [r.get("error") for r in reports] == [None] * PROCESSES
     assert [p.exitcode for p in procs] == [0] * PROCESSES
     claims = [c for r in reports for c in r["claimed"]]
     # No job was handed out twice: not to two processes, not twice to one.
