@@ -37,10 +37,26 @@ def bench_admin_dsn() -> str:
     return url
 
 
+def _drop_leftovers(admin: psycopg.Connection) -> None:
+    """Drop the databases of benchmark runs that died before cleaning up (a 1M-job one is big)."""
+    rows = admin.execute(
+        "SELECT datname FROM pg_database WHERE datname ~ '^gwb(tpl)?_[0-9]+(_[0-9]+)?$'"
+    ).fetchall()
+    for (name,) in rows:
+        try:
+            os.kill(int(name.split("_")[1]), 0)
+            continue  # that run is still going
+        except ProcessLookupError:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except PermissionError:
+            continue
+
+
 @pytest.fixture(scope="session")
 def bench_template(bench_admin_dsn: str) -> Iterator[str]:
     name = f"gwbtpl_{os.getpid()}"
     with psycopg.connect(bench_admin_dsn, autocommit=True) as admin:
+        _drop_leftovers(admin)
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
     with psycopg.connect(make_conninfo(bench_admin_dsn, dbname=name), autocommit=True) as c:
