@@ -166,7 +166,7 @@ class Arbiter:
             h.recycle_after = int(self.settings.max_jobs_per_worker * jitter)
         self.handles.append(h)
         try:
-            self.zygote.spawn(slot, h.generation, theirs.fileno())
+            self.zygote.spawn(slot, h.generation, theirs.fileno(), position)
         except OSError:
             self.handles.remove(h)  # never started: no watcher would ever retire it
             ours.close()

@@ -50,25 +50,31 @@ def worker_main(
     generation: int,
     sock: socket.socket,
     settings: Settings,
+    position: int | None = None,
     *,
     block: ch.SharedBlock,
     bucket_lock: str | None = None,
 ) -> NoReturn:
-    """Entry point in the freshly forked child. Never returns."""
+    """Entry point in the freshly forked child. Never returns.
+
+    `slot` is its shared-memory slot; `position` the worker number people see (titles,
+    logs), which stays the same when a worker is replaced.
+    """
     code = EXIT_CRASH
+    number = slot if position is None else position
     try:
         random.seed()  # the fork copied the parent's random state
-        setproctitle(f"genworker: worker {slot} booting")
+        setproctitle(f"genworker: worker {number} booting")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the supervisor to handle
         import uvloop
 
-        worker = Worker(slot, generation, sock, settings, block, bucket_lock)
+        worker = Worker(slot, generation, sock, settings, block, bucket_lock, number)
         code = uvloop.run(worker.run())
     except BootError as e:
-        sys.stderr.write(f"genworker: worker {slot} cannot start: {e}\n")
+        sys.stderr.write(f"genworker: worker {number} cannot start: {e}\n")
         code = EXIT_BOOT
     except BaseException as e:  # the process is about to end; say why, once
-        log.error("worker %s crashed: %s: %s", slot, type(e).__name__, e)
+        log.error("worker %s crashed: %s: %s", number, type(e).__name__, e)
         code = EXIT_CRASH
     finally:
         with contextlib.suppress(Exception):
@@ -86,8 +92,9 @@ class Worker:
         settings: Settings,
         block: ch.SharedBlock,
         bucket_lock: str | None,
+        number: int | None = None,
     ) -> None:
-        self.slot_no = slot
+        self.number = slot if number is None else number
         self.sock = sock
         self.settings = settings
         self.slot = block.slot(slot)
@@ -287,7 +294,7 @@ class Worker:
     async def heartbeat(self) -> None:
         last_title = 0.0
         title: Callable[[], str] = lambda: (  # noqa: E731
-            f"genworker: worker {self.slot_no} inflight={self.running}/{self.aimd.limit} "
+            f"genworker: worker {self.number} inflight={self.running}/{self.aimd.limit} "
             f"done={int(self.slot[ch.DONE_OK])}"
             + (f" stopping={self.stop_reason}" if self.stop_reason else "")
         )

@@ -6,7 +6,7 @@ Why: forking from a process with a running loop or threads copies their state
 holds nothing but its control socket, so every worker starts clean.
 
 Protocol on the control socket (SOCK_SEQPACKET, one pickle per packet):
-  supervisor -> zygote  ("spawn", slot, generation) + the worker's channel fd
+  supervisor -> zygote  ("spawn", slot, generation, position) + the worker's channel fd
                         ("settings", Settings)   used for the next spawns (HUP)
   zygote -> supervisor  ("spawned", slot, generation, pid)
                         ("exited", pid, wait_status)
@@ -34,7 +34,7 @@ from .config import Settings
 
 PR_SET_PDEATHSIG = 1
 
-WorkerMain = Callable[[int, int, socket.socket, Settings], NoReturn]
+WorkerMain = Callable[[int, int, socket.socket, Settings, int], NoReturn]
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -51,8 +51,8 @@ class ZygoteHandle:
         self.pid = pid
         self.sock = sock
 
-    def spawn(self, slot: int, generation: int, channel_fd: int) -> None:
-        msg = pickle.dumps(("spawn", slot, generation))
+    def spawn(self, slot: int, generation: int, channel_fd: int, position: int) -> None:
+        msg = pickle.dumps(("spawn", slot, generation, position))
         socket.send_fds(self.sock, [msg], [channel_fd])
 
     def send_settings(self, settings: Settings) -> None:
@@ -126,12 +126,12 @@ class Zygote:
         if msg[0] == "settings":
             self.settings = msg[1]
         elif msg[0] == "spawn" and fds:
-            self.spawn(msg[1], msg[2], fds[0])
+            self.spawn(msg[1], msg[2], fds[0], msg[3])
         for fd in fds[1:]:
             os.close(fd)
         return True
 
-    def spawn(self, slot: int, generation: int, fd: int) -> None:
+    def spawn(self, slot: int, generation: int, fd: int, position: int) -> None:
         zygote_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
@@ -151,7 +151,7 @@ class Zygote:
             if os.getppid() != zygote_pid:
                 os._exit(1)  # the zygote died before PDEATHSIG was armed
             chan = socket.socket(fileno=fd)
-            self.worker_main(slot, generation, chan, self.settings)
+            self.worker_main(slot, generation, chan, self.settings, position)
         os.close(fd)
         self.children.add(pid)
         self._send(("spawned", slot, generation, pid))

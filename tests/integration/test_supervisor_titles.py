@@ -7,7 +7,6 @@ import re
 import signal
 
 import psycopg
-import pytest
 from psycopg.conninfo import make_conninfo
 from supervisor_harness import (
     Launcher,
@@ -94,11 +93,6 @@ def test_no_title_ever_shows_a_secret_while_the_node_starts(launch: Launcher, ds
     assert not leaked, leaked
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker titles number the shared-memory slot, not the position the logs and the "
-    "node info use; after a reload under load they differ (worker.py sets the title)",
-)
 def test_worker_titles_keep_their_numbers_after_a_reload_under_load(
     launch: Launcher, client: Client, conn: psycopg.Connection
 ) -> None:
