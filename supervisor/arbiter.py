@@ -68,6 +68,7 @@ class Arbiter:
         block: ch.SharedBlock,
         reload_settings: Callable[[], Settings] | None = None,
         hooks: Any = None,
+        bucket: Any = None,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
@@ -76,6 +77,7 @@ class Arbiter:
         self.block = block
         self.reload_settings = reload_settings
         self.hooks = hooks  # observability (metrics, sd_notify); optional
+        self.bucket = bucket  # the host's API token bucket; this process sets its rate
         self.target = settings.workers
         self.handles: list[WorkerHandle] = []
         self.by_pid: dict[int, WorkerHandle] = {}
@@ -103,6 +105,7 @@ class Arbiter:
         self.feeder = Feeder(
             self.settings, self.dsn, self.node, self.live_handles, self.raise_alarm
         )
+        self.feeder.bucket = self.bucket
         await self.feeder.open()
         given_back = await self.feeder.queue.release_node(self.node)
         if given_back:

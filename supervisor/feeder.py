@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .api.limiter import SharedTokenBucket
 from .cache import open_cache
 from .config import Settings
 from .dedupe import CacheGate
@@ -131,6 +132,7 @@ class Feeder:
         self.listener = Listener(dsn, self)  # type: ignore[arg-type]  # it calls .set()
         self.rng = random.Random()
         self.gate: CacheGate | None = None
+        self.bucket: SharedTokenBucket | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -447,9 +449,16 @@ class Feeder:
                     self.node, sum(1 for _ in self.holders()), info()
                 )
                 self._db_back()
+                self.share_rate()
             except DB_ERRORS as e:
                 self._db_failed("lease renewal", e)
             await sleep_unless(stop, every)
+
+    def share_rate(self) -> None:
+        """Give this host its share of the cluster-wide --api-rps: one live node's worth."""
+        if self.bucket is not None:
+            rps = self.settings.api_rps
+            self.bucket.set_rate(rps / self.live_nodes if rps else None)
 
     async def reap_loop(self, stop: asyncio.Event) -> None:
         every = max(0.5, min(5.0, self.settings.lease_s / 3))

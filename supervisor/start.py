@@ -24,6 +24,8 @@ from pathlib import Path
 from setproctitle import setproctitle
 
 from . import channels as ch
+from .api.limiter import SharedTokenBucket
+from .api.results import sweep_temp_files
 from .arbiter import EXIT_FAILED, Arbiter, run_coroutine
 from .config import Settings
 from .db import connect, resolve_dsn
@@ -113,9 +115,14 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     setproctitle(f"genworker: supervisor node={settings.resolved_node_id} starting")
     check_settings(settings)
     setup_logging(settings)
+    swept = sweep_temp_files(settings.resolved_output_dir)
+    if swept:
+        log.info("removed %d half-written result files of workers that were killed", swept)
     block = ch.SharedBlock(MAX_SLOTS)
     lock_fd, lock_path = tempfile.mkstemp(prefix="genworker-bucket-", suffix=".lock")
     os.close(lock_fd)
+    bucket = SharedTokenBucket(block.bucket_buffer(), lock_path)
+    bucket.set_rate(settings.api_rps)  # the whole rate until the node count is known
     zygote = start_zygote(
         settings, functools.partial(worker_main, block=block, bucket_lock=lock_path)
     )
@@ -141,6 +148,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
             block=block,
             reload_settings=reload_settings,
             hooks=make_hooks(settings, lock_path, block),
+            bucket=bucket,
         )
         return run_coroutine(arbiter.run())
     finally:
