@@ -9,6 +9,7 @@ job does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -205,7 +206,7 @@ class Listener:
                 )
             except psycopg.OperationalError:
                 self.connected = False
-                await _sleep_unless(stop, delay)
+                await sleep_unless(stop, delay)
                 delay = min(delay * 2, 5.0)
                 continue
             try:
@@ -229,8 +230,7 @@ class Listener:
                 await conn.close()
 
 
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    try:
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep for `seconds`, or less if `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
