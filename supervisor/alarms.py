@@ -15,7 +15,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 log = logging.getLogger("genworker.alarms")
 
@@ -30,10 +30,6 @@ def _percent(value: float) -> str:
 
 def _seconds(value: float) -> str:
     return f"{value:.1f}s"
-
-
-def _per_minute(value: float) -> str:
-    return f"{value:g}/min"
 
 
 def format_duration(seconds: float) -> str:
@@ -72,34 +68,94 @@ class Alarm:
         return self.clear_text or f"{self.title} {self.fmt(value)}"
 
 
-def default_alarms(
-    *,
-    queue_depth: float = 50,
-    api_error_rate: float = 0.05,
-    db_wait_s: float = 5.0,
-    restarts_per_minute: float = 5,
-    bad_api_key_expire_s: float = 300.0,
-) -> list[Alarm]:
+@dataclass(frozen=True)
+class AlarmLimits:
+    """The thresholds and windows of the default alarms (the `--alarms` setting).
+
+    queue_depth counts tasks, not jobs: the old system's alert counted tasks waiting
+    for a worker, and in jobs one Pro task alone (70) would raise it.
+    """
+
+    queue_depth: float = 50  # tasks waiting for their first image
+    queue_depth_hold_s: float = 30  # ... for this long, so one burst is not an alarm
+    api_error_rate: float = 0.05  # failed / all API calls over window_s
+    db_wait_s: float = 5.0  # the longest DB pool wait over db_window_s
+    worker_restarts: float = 5  # worker crashes over window_s
+    window_s: float = 60.0  # API error rate and worker restarts
+    db_window_s: float = 15.0
+    bad_api_key_clear_s: float = 300.0  # a key alarm with no new occurrence clears then
+
+    def to_text(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name):g}" for f in fields(self))
+
+
+def parse_limits(text: str) -> AlarmLimits:
+    """'queue_depth=50,api_error_rate=0.05,...' (any subset) -> AlarmLimits.
+
+    Raises ValueError with a one-line message naming the bad item."""
+    known = {f.name for f in fields(AlarmLimits)}
+    values: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ValueError(
+                f"bad alarm setting {item!r}: write name=value with a name among "
+                f"{', '.join(sorted(known))}"
+            )
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(
+                f"bad alarm setting {item!r}: {raw.strip()!r} is not a number"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"bad alarm setting {item!r}: must be a number >= 0")
+        values[name] = value
+    limits = AlarmLimits(**values)
+    for name in ("window_s", "db_window_s"):
+        if getattr(limits, name) < 1:
+            raise ValueError(f"bad alarm setting {name}: must be at least 1 (second)")
+    return limits
+
+
+def default_alarms(limits: AlarmLimits | None = None, **overrides: float) -> list[Alarm]:
     """The old system's alerts. What the supervisor feeds each one:
 
     - queue_depth: tasks waiting to start (the old system counted tasks; in jobs one
-      Pro task alone is 70), for half a minute so one burst is not an alarm;
-    - api_error_rate: `ErrorRate.ratio` over the last minute (failed / all calls);
-    - db_wait: the longest DB pool wait in the last minute (`SlidingWindow.max`);
-    - worker_restarts: worker restarts in the last minute (`SlidingWindow.count`);
-    - bad_api_key: 1 on a 401/403 or insufficient_quota, 0 on the next success.
+      Pro task alone is 70), for `queue_depth_hold_s` so one burst is not an alarm;
+    - api_error_rate: `ErrorRate.ratio` over `window_s` (failed / all calls);
+    - db_wait: the longest DB pool wait in the last `db_window_s` (`SlidingWindow.max`);
+    - worker_restarts: worker crashes in the last `window_s` (`SlidingWindow.sum`);
+    - bad_api_key, insufficient_quota: 1 when an API answer says so, 0 on the next
+      success; cleared too after `bad_api_key_clear_s` without a new occurrence.
     """
+    lim = limits if limits is not None else AlarmLimits()
+    if overrides:
+        lim = replace(lim, **{_OLD_NAMES.get(k, k): v for k, v in overrides.items()})
+    per = f"/{lim.window_s:g}s" if lim.window_s != 60 else "/min"
     return [
-        Alarm("queue_depth", "queue depth", queue_depth, queue_depth * 0.8, min_duration_s=30),
-        Alarm("api_error_rate", "API error rate", api_error_rate, api_error_rate * 0.4,
+        Alarm("queue_depth", "queue depth (tasks)", lim.queue_depth, lim.queue_depth * 0.8,
+              min_duration_s=lim.queue_depth_hold_s),
+        Alarm("api_error_rate", "API error rate", lim.api_error_rate, lim.api_error_rate * 0.4,
               fmt=_percent),
-        Alarm("db_wait", "DB connection wait", db_wait_s, db_wait_s * 0.2, fmt=_seconds),
-        Alarm("worker_restarts", "worker restarts", restarts_per_minute,
-              min(1, restarts_per_minute), fmt=_per_minute),
-        Alarm("bad_api_key", "API key", 0.5, 0.5, expire_s=bad_api_key_expire_s,
-              raise_text="the API rejected the key (401/403 or insufficient_quota)",
+        Alarm("db_wait", "DB connection wait", lim.db_wait_s, lim.db_wait_s * 0.2, fmt=_seconds),
+        Alarm("worker_restarts", "worker restarts", lim.worker_restarts,
+              min(1, lim.worker_restarts), fmt=lambda v: f"{v:g}{per}"),
+        Alarm("bad_api_key", "API key", 0.5, 0.5, expire_s=lim.bad_api_key_clear_s,
+              raise_text="the API rejected the key (401/403)",
+              clear_text="an API call succeeded"),
+        Alarm("insufficient_quota", "API quota", 0.5, 0.5, expire_s=lim.bad_api_key_clear_s,
+              raise_text="the API says the quota is spent (insufficient_quota)",
               clear_text="an API call succeeded"),
     ]  # fmt: skip
+
+
+# keyword names default_alarms() took before AlarmLimits existed
+_OLD_NAMES = {
+    "restarts_per_minute": "worker_restarts",
+    "bad_api_key_expire_s": "bad_api_key_clear_s",
+}
 
 
 @dataclass
@@ -233,12 +289,20 @@ class ErrorRate:
         self._errors = SlidingWindow(window_s)
 
     def record(self, now: float, ok: bool) -> None:
-        self._calls.add(now)
-        if not ok:
-            self._errors.add(now)
+        self.record_counts(now, 1, 0 if ok else 1)
+
+    def record_counts(self, now: float, calls: float, errors: float) -> None:
+        """Add `calls` calls, `errors` of which failed (counters sampled every second)."""
+        if calls > 0:
+            self._calls.add(now, calls)
+        if errors > 0:
+            self._errors.add(now, errors)
+
+    def calls(self, now: float) -> float:
+        return self._calls.sum(now)
 
     def ratio(self, now: float) -> float:
-        calls = self._calls.count(now)
+        calls = self._calls.sum(now)
         if calls < self.min_calls:
             return 0.0
-        return self._errors.count(now) / calls
+        return self._errors.sum(now) / calls

@@ -48,6 +48,7 @@ CHANNEL_EOF_S = 1.0  # after a worker's exit, how long its channel may take to d
 BOOT_TIMEOUT_S = 60.0
 WATCHERS_S = 15.0  # at shutdown, how long dead workers' jobs may take to be given back
 CLAIM_STOP_S = 2.0  # at shutdown, how long a claim in progress may take to come back
+KEY_PAUSE_S = 60.0  # a rejected API key pauses claims this long (then one job probes it)
 SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -84,8 +85,9 @@ class Arbiter:
         self.positions: dict[int, Position] = {}
         self.generations = itertools.count(1)
         self.retired = [0.0] * ch.SLOT_DOUBLES  # counters of workers that are gone
-        self.restarts_by_reason: dict[str, int] = {}
-        self.alarms: dict[str, str] = {}
+        self.restarts_by_reason: dict[str, int] = {}  # crashes: exit, signal, heartbeat_timeout
+        self.stops_by_reason: dict[str, int] = {}  # planned replacements: recycle, reload
+        self.alarms: dict[str, str] = {}  # without hooks; with them, the hooks keep the alarms
         self.stopping = False
         self.immediate = asyncio.Event()
         self.stop_event = asyncio.Event()
@@ -97,6 +99,7 @@ class Arbiter:
         self.watchers: set[asyncio.Task[None]] = set()  # one per worker: its death is settled
         self.spawning: set[int] = set()
         self.started_at = time.monotonic()
+        self.monitored_at = time.monotonic()  # the monitor's last round (the watchdog's health)
 
     # ================================================================= run
     async def run(self) -> int:
@@ -106,6 +109,8 @@ class Arbiter:
             self.settings, self.dsn, self.node, self.live_handles, self.raise_alarm
         )
         self.feeder.bucket = self.bucket
+        if self.hooks is not None:
+            await self.hooks.starting(self)  # binds --http: a port in use fails here, cleanly
         await self.feeder.open()
         given_back = await self.feeder.queue.release_node(self.node)
         if given_back:
@@ -186,6 +191,10 @@ class Arbiter:
     def _on_message(self, h: WorkerHandle, msg: tuple[str, Any]) -> None:
         kind, body = msg
         if kind == ch.DONE:
+            if log.isEnabledFor(logging.DEBUG):
+                for o in body:
+                    log.debug("job %d %s on worker %d%s", o.job_id, o.kind, h.position,
+                              f": {o.error}" if o.error else "")  # fmt: skip
             self.feeder.on_outcomes(h, body)
             if h.recycle_after and h.state is State.READY and h.jobs_finished() >= h.recycle_after:
                 self.recycle(h, f"served {h.jobs_finished()} jobs")
@@ -269,6 +278,8 @@ class Arbiter:
         reason = h.kill_reason or text
         if planned:
             log.info("worker %d (pid %s) stopped: %s", h.position, h.pid, h.stop_reason)
+            if h.stop_reason in ("recycle", "reload"):
+                self.stops_by_reason[h.stop_reason] = self.stops_by_reason.get(h.stop_reason, 0) + 1
             if jobs:
                 log.warning("worker %d left %d jobs unfinished", h.position, len(jobs))
             self.positions.get(h.position, Position(h.position)).record_clean_exit()
@@ -344,7 +355,7 @@ class Arbiter:
     async def monitor_loop(self) -> None:
         last_title = 0.0
         while not self.stopping:
-            now = time.monotonic()
+            now = self.monitored_at = time.monotonic()
             self._check_workers(now)
             self._keep_positions(now)
             if now - last_title >= 1.0:
@@ -421,15 +432,19 @@ class Arbiter:
 
     # ============================================================= alarms
     def raise_alarm(self, name: str, detail: str) -> None:
+        """A worker's outcome says something is wrong with the node (bad key, no quota):
+        pause claims, and let the alarms say so (one line when it starts)."""
         if name in ("bad_api_key", "insufficient_quota"):
-            self.feeder.pause_claims(60.0)
-            if name not in self.alarms:
-                log.error(
-                    "API says %s (%s): pausing claims for 60s", name.replace("_", " "), detail[:200]
-                )
-        self.alarms[name] = detail[:200]
+            self.feeder.pause_claims(KEY_PAUSE_S)
         if self.hooks is not None:
             self.hooks.alarm(name, detail)
+            return
+        if name not in self.alarms:
+            log.error("API says %s (%s): pausing claims", name.replace("_", " "), detail[:200])
+        self.alarms[name] = detail[:200]
+
+    def active_alarms(self) -> dict[str, str]:
+        return self.hooks.active_alarms() if self.hooks is not None else dict(self.alarms)
 
     # ============================================================ signals
     async def signal_loop(self) -> None:
@@ -507,6 +522,10 @@ class Arbiter:
         if self.stopping:
             return
         log.info("HUP: every worker replaced")
+        if time.monotonic() < self.feeder.paused_until:
+            # paused for a bad key, which the reload may have fixed: probe it now
+            self.feeder.pause_claims(0.0)
+            self.feeder.wake.set()
         if self.hooks is not None:
             self.hooks.reloaded()
 
@@ -555,6 +574,8 @@ class Arbiter:
             self.feeder.stats.dead,
             self.feeder.stats.retried,
         )
+        if self.hooks is not None:
+            await self.hooks.stopped()
 
     async def _stop_claiming(self) -> None:
         """End the claim loop before giving the buffer back: a claim that returned after the
@@ -616,7 +637,8 @@ class Arbiter:
             ],
             "target": self.target,
             "degraded": self.degraded,
-            "alarms": dict(self.alarms),
+            "alarms": self.active_alarms(),
+            "http": getattr(self.hooks, "address", None),
             "db_ok": self.feeder.db_ok,
             "totals": self.totals(),
             "restarts": dict(self.restarts_by_reason),

@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
+    settings: Settings | None = None
     try:
         settings, sources = settings_from_args(args)
         args.sources = sources
@@ -231,19 +232,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (ConfigError, UsageError, GenworkerError) as e:
-        if debug:
-            raise
         code = 2 if isinstance(e, ConfigError) else e.exit_code
-        sys.stderr.write(f"genworker: error: {e}\n")
-        return code
+        return _fail(f"genworker: error: {e}", code, debug, _secrets(args, settings))
     except Exception as e:  # the last line of defence: one line, never a traceback by default
-        if debug:
-            raise
-        sys.stderr.write(
+        return _fail(
             f"genworker: unexpected error: {type(e).__name__}: {str(e)[:200]} "
-            "(run with --debug for the traceback)\n"
+            "(run with --debug for the traceback)",
+            1,
+            debug,
+            _secrets(args, settings),
         )
-        return 1
+
+
+def _secrets(args: argparse.Namespace, settings: Settings | None) -> list[str | None]:
+    """The API key and DB passwords this run was given, wherever they came from."""
+    import os
+
+    from .logs import dsn_password
+
+    dsns = [os.environ.get("DATABASE_URL"), os.environ.get("GENWORKER_DATABASE_URL")]
+    keys = [os.environ.get("GENWORKER_API_KEY"), getattr(args, "set_api_key", None)]
+    dsns.append(getattr(args, "set_database_url", None))
+    if settings is not None:
+        dsns.append(settings.database_url)
+        keys.append(settings.api_key)
+    return [*keys, *(dsn_password(d) for d in dsns if d)]
+
+
+def _fail(line: str, code: int, debug: bool, secrets: list[str | None]) -> int:
+    """One line on stderr (the traceback too with --debug), with every secret masked."""
+    import traceback
+
+    from .logs import Redactor
+
+    redact = Redactor(secrets)
+    if debug:
+        sys.stderr.write(redact(traceback.format_exc()))
+    sys.stderr.write(redact(" ".join(line.split())) + "\n")
+    return code
 
 
 def print_json(doc: Any) -> None:

@@ -185,6 +185,13 @@ class Settings:
     handlers: tuple[str, ...] = _opt((), "extra job kinds as kind=pkg.module:func,...", cmds=_API)
     # --- operations
     http: str = _opt("127.0.0.1:9464", "metrics/health address host:port ('' disables)", cmds=_RUN)
+    alarms: str = _opt(
+        "",
+        "alarm limits as name=value,... (any subset): queue_depth=50 (tasks waiting to start), "
+        "queue_depth_hold_s=30, api_error_rate=0.05, db_wait_s=5, worker_restarts=5, "
+        "window_s=60 (error rate, restarts), db_window_s=15, bad_api_key_clear_s=300",
+        cmds=_RUN,
+    )
     log_format: str = _opt(
         "human", "log lines: human or json", choices=("human", "json"), cmds=_RUN
     )

@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
+from .channels import LATENCY_BUCKETS_S
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -327,8 +329,9 @@ class Registry:
 
 # ------------------------------------------------------------ genworker's metrics
 
-# Image calls take seconds to minutes; the simulated API answers in milliseconds.
-API_CALL_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180)
+# The workers count API latencies into these buckets in shared memory (channels.py):
+# image calls take seconds to minutes, the simulated API answers in milliseconds.
+API_CALL_BUCKETS_S = LATENCY_BUCKETS_S
 # From a Free task (one API latency) to the old system's worst case (4.6 hours).
 TASK_BUCKETS_S = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800)
 DB_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -348,6 +351,12 @@ class GenworkerMetrics:
             "genworker_queue_oldest_runnable_age_seconds",
             "Age of the oldest job that is runnable now.",
         )
+        self.queue_tasks = r.gauge(
+            "genworker_queue_tasks",
+            "Unfinished tasks by state: queued (no image started yet; the queue_depth alarm) "
+            "or running.",
+            ("state",),
+        )
         self.nodes = r.gauge("genworker_nodes", "Supervisors alive in the nodes table.")
         # this node's work
         self.jobs_claimed = r.counter("genworker_jobs_claimed_total", "Jobs claimed by this node.")
@@ -361,9 +370,20 @@ class GenworkerMetrics:
             "genworker_jobs_dead_total",
             "Jobs this node gave up on (permanent error or attempts spent).",
         )
+        self.jobs_released = r.counter(
+            "genworker_jobs_released_total",
+            "Claimed jobs this node gave back unfinished (shutdown, a worker's death).",
+        )
+        self.jobs_in_flight = r.gauge(
+            "genworker_jobs_in_flight",
+            "Jobs this node holds under its lease, by where: buffer (claimed, not yet handed "
+            "out), workers (handed to a worker), writing (finished, outcome not yet written).",
+            ("where",),
+        )
         self.task_completion = r.histogram(
             "genworker_task_completion_seconds",
-            "Time from submit to the last job of a task finishing, by plan.",
+            "Time from submit to the last job of a task finishing, by plan (cluster-wide: "
+            "every task finished since this node started).",
             ("plan",),
             buckets=TASK_BUCKETS_S,
         )
@@ -392,7 +412,8 @@ class GenworkerMetrics:
         # the supervisor's own machinery
         self.db_pool_wait = r.histogram(
             "genworker_db_pool_wait_seconds",
-            "Time spent waiting for a connection from the supervisor's DB pool.",
+            "Time spent waiting for a connection from the supervisor's DB pool (sum and count "
+            "exact; requests that queued are bucketed at their mean wait of each second).",
             buckets=DB_WAIT_BUCKETS_S,
         )
         self.db_pool_connections = r.gauge(
@@ -401,7 +422,10 @@ class GenworkerMetrics:
             ("state",),
         )
         self.worker_restarts = r.counter(
-            "genworker_worker_restarts_total", "Worker processes restarted, by reason.", ("reason",)
+            "genworker_worker_restarts_total",
+            "Worker processes replaced, by reason: exit, signal, heartbeat_timeout (crashes), "
+            "recycle, reload (planned).",
+            ("reason",),
         )
         self.workers_up = r.gauge(
             "genworker_workers_up", "Worker processes running and heartbeating."
@@ -411,6 +435,9 @@ class GenworkerMetrics:
         )
         self.leases_expired = r.counter(
             "genworker_leases_expired_total", "Expired job leases this node reclaimed."
+        )
+        self.ready = r.gauge(
+            "genworker_ready", "1 when /readyz says ready (database, workers, no alarm)."
         )
         self.alarm_active = r.gauge(
             "genworker_alarm_active", "1 while a health alarm is raised.", ("alarm",)

@@ -20,16 +20,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 from setproctitle import setproctitle
 
 from . import channels as ch
+from . import logs
+from .alarms import parse_limits
 from .api.limiter import SharedTokenBucket
 from .api.results import sweep_temp_files
 from .arbiter import EXIT_FAILED, Arbiter, run_coroutine
 from .config import Settings
 from .db import connect, resolve_dsn
 from .errors import GenworkerError, UsageError
+from .http import parse_address
+from .logs import Redactor, dsn_password
+from .ops import Ops
 from .schema import migrate
 from .worker import worker_main
 from .zygote import ZygoteHandle, die_with_parent, start_zygote
@@ -41,6 +47,11 @@ MAX_SLOTS = 256  # shared-memory slots: the most workers one node can run (TTIN 
 
 def check_settings(settings: Settings) -> None:
     """Refuse settings that would only fail later, with one line each."""
+    parse_address(settings.http)
+    try:
+        parse_limits(settings.alarms)
+    except ValueError as e:
+        raise UsageError(f"--alarms: {e}") from None
     if settings.api_url and not settings.api_url.startswith(("http://", "https://")):
         raise UsageError(
             f"--api-url must start with http:// or https://, got {settings.api_url[:80]!r}"
@@ -114,7 +125,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     # the zygote, forked below, would carry a copy of it until it sets its own title.
     setproctitle(f"genworker: supervisor node={settings.resolved_node_id} starting")
     check_settings(settings)
-    setup_logging(settings)
+    redactor = setup_logging(settings)
     swept = sweep_temp_files(settings.resolved_output_dir)
     if swept:
         log.info("removed %d half-written result files of workers that were killed", swept)
@@ -133,6 +144,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
             log.warning("simulated image API at %s: results are placeholders", settings.api_url)
             zygote.send_settings(settings)
         dsn = resolve_dsn(settings)
+        redactor.add(dsn_password(dsn))
         with connect(dsn, timeout_s=settings.db_pool_timeout_s) as conn:
             migrate(conn, settings)
 
@@ -147,7 +159,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
             zygote=zygote,
             block=block,
             reload_settings=reload_settings,
-            hooks=make_hooks(settings, lock_path, block),
+            hooks=Ops(settings, redactor=redactor),
             bucket=bucket,
         )
         return run_coroutine(arbiter.run())
@@ -173,18 +185,17 @@ def _stop_zygote(zygote: ZygoteHandle) -> None:
         os.waitpid(zygote.pid, 0)
 
 
-def setup_logging(settings: Settings) -> None:
-    level = getattr(logging, settings.log_level.upper())
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def make_hooks(settings: Settings, lock_path: str, block: ch.SharedBlock) -> object | None:
-    return None
+def setup_logging(settings: Settings) -> Redactor:
+    """Every line of this process and its children (forked later) through one redacting
+    handler that knows the API key and the DB password; returns its Redactor."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the CLI's basicConfig: its lines would not be redacted
+        root.removeHandler(handler)
+    fmt: Literal["human", "json"] = "json" if settings.log_format == "json" else "human"
+    secrets = [settings.resolved_api_key(), dsn_password(settings.database_url)]
+    redactor = logs.setup_logging(settings.log_level, fmt, secrets)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return redactor
 
 
 __all__ = ["EXIT_FAILED", "cmd_start"]

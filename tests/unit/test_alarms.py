@@ -27,15 +27,15 @@ def test_queue_depth_needs_half_a_minute_above_50_and_clears_below_40(
     assert alarms.update("queue_depth", 30, now=10) is None  # and gone
     for t in range(100, 131, 5):
         alarms.update("queue_depth", 63, now=t)
-    assert alarms.active() == {"queue_depth": "queue depth 63 > 50"}
+    assert alarms.active() == {"queue_depth": "queue depth (tasks) 63 > 50"}
     for depth in (45, 55, 41, 40):  # inside the band it stays raised, and says so
         alarms.update("queue_depth", depth, now=140)
-    assert alarms.active() == {"queue_depth": "queue depth 40, clears below 40"}
+    assert alarms.active() == {"queue_depth": "queue depth (tasks) 40, clears below 40"}
     alarms.update("queue_depth", 39, now=160)
     assert alarms.active() == {}
     assert alarm_lines(caplog_alarms) == [
-        (logging.WARNING, "alarm queue_depth raised: queue depth 63 > 50"),
-        (logging.INFO, "alarm queue_depth cleared after 30s: queue depth 39"),
+        (logging.WARNING, "alarm queue_depth raised: queue depth (tasks) 63 > 50"),
+        (logging.INFO, "alarm queue_depth cleared after 30s: queue depth (tasks) 39"),
     ]
 
 
@@ -137,6 +137,7 @@ def test_summary_states_and_returned_lines() -> None:
         "db_wait": True,
         "worker_restarts": False,
         "bad_api_key": False,
+        "insufficient_quota": False,
     }
 
 
@@ -180,3 +181,47 @@ def test_error_rate_ignores_too_few_calls() -> None:
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_limits_parse_from_the_setting_and_name_a_bad_item() -> None:
+    from supervisor.alarms import AlarmLimits, default_alarms, parse_limits
+
+    assert parse_limits("") == AlarmLimits()
+    limits = parse_limits(" queue_depth=5, window_s=10 ,queue_depth_hold_s=0")
+    assert (limits.queue_depth, limits.window_s, limits.queue_depth_hold_s) == (5, 10, 0)
+    assert parse_limits(AlarmLimits().to_text()) == AlarmLimits()
+    for bad, says in [
+        ("queue_depth", "name=value"),
+        ("depth=5", "name=value"),
+        ("queue_depth=lots", "not a number"),
+        ("db_wait_s=-1", ">= 0"),
+        ("window_s=0", "at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            parse_limits(bad)
+    restarts = {a.name: a for a in default_alarms(limits)}["worker_restarts"]
+    assert restarts.reason(7) == "worker restarts 7/10s > 5/10s"
+
+
+def test_quota_is_an_alarm_of_its_own(caplog_alarms: pytest.LogCaptureFixture) -> None:
+    alarms = Alarms()
+    alarms.update("insufficient_quota", 1, now=0)
+    assert set(alarms.active()) == {"insufficient_quota"}
+    alarms.update("insufficient_quota", 0, now=5)
+    assert alarm_lines(caplog_alarms) == [
+        (
+            logging.WARNING,
+            "alarm insufficient_quota raised: the API says the quota is spent (insufficient_quota)",
+        ),
+        (logging.INFO, "alarm insufficient_quota cleared after 5s: an API call succeeded"),
+    ]
+
+
+def test_error_rate_takes_sampled_counts() -> None:
+    rate = ErrorRate(window_s=10, min_calls=20)
+    rate.record_counts(now=0, calls=15, errors=3)
+    assert rate.ratio(now=0.5) == 0.0  # 15 calls: too few to say
+    rate.record_counts(now=1, calls=15, errors=0)
+    assert rate.ratio(now=1.5) == pytest.approx(0.1)
+    assert rate.calls(now=1.5) == 30
+    assert rate.ratio(now=12) == 0.0  # the window moved past both samples
