@@ -37,7 +37,7 @@ def test_readyz_turns_503_while_postgresql_is_stopped_and_200_when_it_is_back(
             client.submit("free", "before the outage")
 
         pg.stop()
-        status, doc = wait_for(
+        _, doc = wait_for(
             lambda: (r := readyz(address))[0] == 503 and r, "503 with the database down", 30
         )
         assert doc["ready"] is False
@@ -47,7 +47,7 @@ def test_readyz_turns_503_while_postgresql_is_stopped_and_200_when_it_is_back(
         node.check_running()  # an outage is no reason to exit
 
         pg.start()
-        status, doc = wait_for(lambda: (r := readyz(address))[0] == 200 and r, "200 again", 60)
+        _, doc = wait_for(lambda: (r := readyz(address))[0] == 200 and r, "200 again", 60)
         assert doc == {"ready": True, "reasons": []}
         with Client(dsn) as client:  # and it works again
             task = client.submit("free", "after the outage")

@@ -42,7 +42,8 @@ def test_in_flight_jobs_are_where_the_database_says(
     def settled() -> dict[Sample, float] | None:
         m = scrape(address)
         busy = total(m, "genworker_worker_slots_busy")
-        figures = m.get(("genworker_queue_jobs", frozenset({("plan", "start"), ("state", "queued")})))
+        queued = frozenset({("plan", "start"), ("state", "queued")})
+        figures = m.get(("genworker_queue_jobs", queued))
         return m if busy == 10 and figures == 5 else None
 
     m = wait_for(settled, "the workers' slots and the queue figures to show", 20)

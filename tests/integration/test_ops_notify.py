@@ -94,9 +94,7 @@ def test_notify_sequence_from_ready_to_stopping(
         systemd.close()
 
 
-def test_no_watchdog_pings_without_watchdog_usec(
-    launch: Launcher, notify_path: Path
-) -> None:
+def test_no_watchdog_pings_without_watchdog_usec(launch: Launcher, notify_path: Path) -> None:
     systemd = NotifySocket(notify_path)
     try:
         node = launch.node(None, "test-nowatchdog", env={"NOTIFY_SOCKET": str(notify_path)})
