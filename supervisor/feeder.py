@@ -47,6 +47,7 @@ class Holder(Protocol):
 
     def free_slots(self) -> int: ...
     def send_jobs(self, jobs: list[Job]) -> bool: ...
+    def holds_suspect(self) -> bool: ...
 
 
 @dataclass
@@ -117,6 +118,10 @@ class Feeder:
         )
         self.queue = Queue(self.pool, snooze_max_s=settings.snooze_max_s)
         self.buffer: deque[Job] = deque()
+        # Jobs that were in flight when a worker died: each runs alone on a worker, so a
+        # poison job among them cannot take its neighbours down with it a second time.
+        self.suspects: deque[Job] = deque()
+        self.reserved: Holder | None = None  # drained of other work to take a suspect
         self.pending: list[tuple[Outcome, int]] = []
         self.stats = FeederStats()
         self.rate = Rate()
@@ -230,7 +235,8 @@ class Feeder:
                     self.stats.claimed += len(jobs)
                     if self.stats.first_claim_at is None:
                         self.stats.first_claim_at = time.monotonic()
-                    self.buffer.extend(jobs)
+                    for job in jobs:
+                        (self.suspects if job.deaths else self.buffer).append(job)
                     self.dispatch()
                 if not self.queue_empty:
                     self.wake.set()  # there may be more: look at the buffer again
@@ -242,7 +248,7 @@ class Feeder:
         if self.queue_empty or time.monotonic() < self.paused_until:
             return 0
         free, spare = self.capacity()
-        held = len(self.buffer)
+        held = len(self.buffer) + len(self.suspects)
         if self.probe:  # after a pause: one job at a time until one succeeds
             return max(0, 1 - held - sum(len(h.jobs) for h in self.holders()))
         want = free + spare - held
@@ -266,9 +272,15 @@ class Feeder:
 
     def dispatch(self) -> None:
         """Hand buffered jobs to the workers with free slots, most free first."""
-        if not self.buffer or time.monotonic() < self.paused_until:
+        if time.monotonic() < self.paused_until:
             return
-        frees = [(h.free_slots(), h) for h in self.holders()]
+        if self.suspects:
+            self._dispatch_suspects()
+        if not self.suspects:
+            self.reserved = None  # nothing to drain a worker for any more
+        if not self.buffer:
+            return
+        frees = [(h.free_slots(), h) for h in self.holders() if h is not self.reserved]
         frees.sort(key=lambda fh: fh[0], reverse=True)
         held = sum(len(h.jobs) for _, h in frees)
         room = len(self.buffer)
@@ -290,6 +302,27 @@ class Feeder:
             room -= take
         if len(self.buffer) < self.settings.claim_batch:
             self.wake.set()
+
+    def _dispatch_suspects(self) -> None:
+        """Give each suspect a worker of its own: an idle one, or one we stop feeding until
+        it is idle (so suspects cannot starve behind a busy node)."""
+        holders = list(self.holders())
+        if self.reserved is not None and self.reserved not in holders:
+            self.reserved = None  # it died or left
+        for h in sorted(holders, key=lambda x: len(x.jobs)):
+            if not self.suspects:
+                break
+            if not h.jobs and h.free_slots() > 0:
+                job = self.suspects.popleft()
+                if h.send_jobs([job]):
+                    if h is self.reserved:
+                        self.reserved = None
+                else:
+                    self.suspects.appendleft(job)
+        if self.suspects and self.reserved is None:
+            candidates = [h for h in holders if not h.holds_suspect()]
+            if candidates:
+                self.reserved = min(candidates, key=lambda x: len(x.jobs))
 
     def _take(self, n: int) -> list[Job]:
         """Up to n buffered jobs to run; with the cache, twins of running jobs wait instead."""
@@ -433,8 +466,9 @@ class Feeder:
         return 0
 
     async def release_buffer(self) -> int:
-        jobs = list(self.buffer)
+        jobs = [*self.buffer, *self.suspects]
         self.buffer.clear()
+        self.suspects.clear()
         if self.gate is not None:
             jobs += self.gate.held()
         return await self.release(jobs, None)

@@ -49,6 +49,7 @@ class Job(NamedTuple):
     kind: str  # handler name: "image", "noop", or a user kind
     params: dict[str, Any]  # the task's parameters (prompt, size, model ...)
     attempt: int  # 1 for the first run
+    deaths: int = 0  # worker deaths it was in flight for: a suspect runs alone
 
 
 class Outcome(NamedTuple):

@@ -111,12 +111,13 @@ class Queue:
         # which nobody mutates: workers get their own copy through the pipe).
         by_text: dict[str, dict[str, Any]] = {}
         jobs = []
-        # Rows are (job_id, token, task_id, idx, kind, attempt, params); Job puts params first.
-        for job_id, token, task_id, idx, kind, attempt, text in rows:
+        # Rows are (job_id, token, task_id, idx, kind, attempt, params, deaths); Job puts
+        # params before attempt.
+        for job_id, token, task_id, idx, kind, attempt, text, deaths in rows:
             params = by_text.get(text)
             if params is None:
                 params = by_text[text] = json.loads(text)
-            jobs.append(Job(job_id, token, task_id, idx, kind, params, attempt))
+            jobs.append(Job(job_id, token, task_id, idx, kind, params, attempt, deaths))
         return jobs
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:

@@ -49,8 +49,13 @@ class WorkerHandle:
             return 0
         if self.exited.done():  # dead, its watcher is reading the last of its channel
             return 0
+        if self.holds_suspect():
+            return 0  # a job that was in flight when a worker died runs alone
         limit = int(self.block.slot(self.slot)[ch.LIMIT]) or self.max_limit
         return max(0, min(limit, self.max_limit) - len(self.jobs))
+
+    def holds_suspect(self) -> bool:
+        return any(j.deaths for j in self.jobs.values())
 
     def send_jobs(self, jobs: list[Job]) -> bool:
         if self.chan is None or self.chan.closed:

@@ -54,7 +54,7 @@ SELECT genworker.submit_tasks(%(tasks)s) AS ids
 -- claim_jobs --
 -- Claim up to n of the most urgent runnable jobs under a lease (params as text: the jobs of
 -- one task share it, so the caller decodes it once per task, not once per job).
-SELECT job_id, token, task_id, idx, kind, attempt, params::text AS params
+SELECT job_id, token, task_id, idx, kind, attempt, params::text AS params, deaths
   FROM genworker.claim_jobs(%(node)s, %(n)s, %(lease_s)s)
 
 -- complete_jobs --

@@ -1,11 +1,14 @@
-import pytest
+"""The fixtures' path through the server (embedded in CI's smoke run): submit fans out."""
 
-pytestmark = pytest.mark.embedded
+import psycopg
+import pytest
 
 from supervisor.client import Client
 
+pytestmark = pytest.mark.embedded
 
-def test_submit_fans_out_into_jobs(client: Client, conn) -> None:
+
+def test_submit_fans_out_into_jobs(client: Client, conn: psycopg.Connection) -> None:
     task = client.submit("pro", "a lighthouse at dawn")
     info = client.get(task)
     assert info.n_jobs == 70

@@ -261,7 +261,7 @@ $$;
 -- First moves due retries back to the runnable set, so the claim itself reads one index.
 CREATE FUNCTION genworker.claim_jobs(p_node text, p_n integer, p_lease_s double precision)
 RETURNS TABLE (job_id bigint, token bigint, task_id bigint, idx integer, kind text,
-               attempt integer, params jsonb)
+               attempt integer, params jsonb, deaths integer)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     UPDATE genworker.jobs j SET status = 'queued'
@@ -288,7 +288,7 @@ BEGIN
                attempts = j.attempts + 1, token = j.token + 1,
                started_at = coalesce(j.started_at, now())
          WHERE j.id = ANY ((SELECT array_agg(p.id) FROM picked p)::bigint[])
-        RETURNING j.id, j.token, j.task_id, j.idx, j.kind, j.attempts, j.urgency
+        RETURNING j.id, j.token, j.task_id, j.idx, j.kind, j.attempts, j.urgency, j.deaths
     ), touched AS (
         -- The few tasks of the batch as one array, so both lookups below are primary-key
         -- probes: a join here lets the planner hash the whole tasks table on every claim.
@@ -305,7 +305,7 @@ BEGIN
         SELECT t.id, t.params FROM genworker.tasks t
          WHERE t.id = ANY ((SELECT ids FROM touched)::bigint[])
     )
-    SELECT c.id, c.token, c.task_id, c.idx, c.kind, c.attempts, t.params
+    SELECT c.id, c.token, c.task_id, c.idx, c.kind, c.attempts, t.params, c.deaths
       FROM claimed c JOIN task t ON t.id = c.task_id
      ORDER BY c.urgency, c.id;
 END
@@ -485,7 +485,9 @@ BEGIN
       FROM (SELECT id, token FROM genworker.jobs
              WHERE status = 'running' AND lease_expires < now()
              ORDER BY lease_expires LIMIT 10000 FOR UPDATE SKIP LOCKED) e;
-    WITH r AS (SELECT * FROM genworker.release_jobs(v_ids, v_tokens, 'lease expired (its node died?)', p_max_deaths))
+    -- A lost lease is not the job's failure (its node died or lost the database), so it
+    -- counts neither an attempt nor a death: three outages must not kill innocent jobs.
+    WITH r AS (SELECT * FROM genworker.release_jobs(v_ids, v_tokens, NULL, p_max_deaths))
     SELECT count(*) FILTER (WHERE r.status = 'queued'), count(*) FILTER (WHERE r.status = 'dead')
       INTO v_requeued, v_dead FROM r;
     WITH n AS (
