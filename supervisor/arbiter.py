@@ -525,6 +525,7 @@ class Arbiter:
         if time.monotonic() < self.feeder.paused_until:
             # paused for a bad key, which the reload may have fixed: probe it now
             self.feeder.pause_claims(0.0)
+            self.feeder.dispatch()  # the probe: one buffered job
             self.feeder.wake.set()
         if self.hooks is not None:
             self.hooks.reloaded()
