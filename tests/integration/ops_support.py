@@ -84,7 +84,7 @@ def http_address(node: Node, timeout_s: float = 30) -> str:
 
     def bound() -> str | None:
         node.check_running()
-        m = re.search(r"serving /metrics, /healthz, /readyz on (\S+)", node.log())
+        m = re.search(r"serving /metrics, /healthz, /readyz on ([\w.:\[\]-]+:\d+)", node.log())
         return m[1] if m else None
 
     return wait_for(bound, f"{node.node_id} serving HTTP", timeout_s)
