@@ -4,6 +4,7 @@ them, and act on signals.
 Signal handlers only enqueue the signal; `signal_loop` acts on it:
   TERM, INT   stop claiming, give buffered jobs back, let in-flight jobs finish for up
               to --graceful-timeout, give the rest back, exit 0; a second one: now
+              (the order of it all: shutdown.py)
   QUIT        give everything back and exit now
   HUP         re-read the settings and replace every worker, one at a time
   TTIN, TTOU  one worker more, one fewer
@@ -28,8 +29,9 @@ from setproctitle import setproctitle
 
 from . import channels as ch
 from .config import Settings
-from .feeder import DB_ERRORS, Feeder
+from .feeder import Feeder
 from .model import Job
+from .shutdown import shut_down
 from .tasks import TaskOwner
 from .worker import EXIT_BOOT, EXIT_RECYCLE
 from .workers import Position, State, WorkerHandle
@@ -46,8 +48,6 @@ MONITOR_S = 0.25
 KILL_GRACE_S = 2.0
 CHANNEL_EOF_S = 1.0  # after a worker's exit, how long its channel may take to deliver the rest
 BOOT_TIMEOUT_S = 60.0
-WATCHERS_S = 15.0  # at shutdown, how long dead workers' jobs may take to be given back
-CLAIM_STOP_S = 2.0  # at shutdown, how long a claim in progress may take to come back
 KEY_PAUSE_S = 60.0  # a rejected API key pauses claims this long (then one job probes it)
 SIGNALS = (
     signal.SIGTERM,
@@ -139,7 +139,7 @@ class Arbiter:
         if self.hooks is not None:
             await self.hooks.started(self)
         code = await self.exit_code
-        await self._shutdown()
+        await shut_down(self)
         return code
 
     def finish(self, code: int) -> None:
@@ -211,7 +211,7 @@ class Arbiter:
         h.channel_closed.set()
         # The process may still be alive (it closed its end): make sure it goes.
         if h.state is not State.DEAD and h.pid is not None:
-            asyncio.get_running_loop().call_later(1.0, self._kill, h, signal.SIGKILL)
+            asyncio.get_running_loop().call_later(1.0, self.kill, h, signal.SIGKILL)
 
     def _on_zygote(self) -> None:
         while True:
@@ -236,7 +236,7 @@ class Arbiter:
                         h.pid = pid
                         self.by_pid[pid] = h
                         if self.stopping and h.state is State.SPAWNING:
-                            self._kill(h, signal.SIGTERM)  # asked for before the stop
+                            self.kill(h, signal.SIGTERM)  # asked for before the stop
             elif msg[0] == "exited":
                 gone = self.by_pid.pop(msg[1], None)
                 if gone is not None and not gone.exited.done():
@@ -249,7 +249,7 @@ class Arbiter:
         self.zygote_lost = True
         for h in self.live_handles():
             h.lost_reason = "its zygote died"
-            self._kill(h, signal.SIGKILL)
+            self.kill(h, signal.SIGKILL)
             if not h.exited.done():
                 h.exited.set_result(signal.SIGKILL)  # a wait status: killed by SIGKILL
 
@@ -340,7 +340,7 @@ class Arbiter:
             " (crash loop: held back, node degraded)" if pos.held_back else "",
         )
 
-    def _kill(self, h: WorkerHandle, sig: int) -> None:
+    def kill(self, h: WorkerHandle, sig: int) -> None:
         if h.state is State.DEAD or h.pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -378,7 +378,7 @@ class Arbiter:
             if h.state is State.SPAWNING:
                 if now - h.spawned_at > BOOT_TIMEOUT_S and h.kill_reason is None:
                     h.kill_reason = f"did not start within {BOOT_TIMEOUT_S:.0f}s"
-                    self._kill(h, signal.SIGKILL)
+                    self.kill(h, signal.SIGKILL)
                 continue
             if h.jobs_finished() > 0:
                 self.positions.setdefault(h.position, Position(h.position)).record_progress()
@@ -388,8 +388,8 @@ class Arbiter:
                 log.warning(
                     "worker %d (pid %s) unresponsive for %.0fs: terminating", h.position, h.pid, age
                 )
-                self._kill(h, signal.SIGTERM)
-                asyncio.get_running_loop().call_later(KILL_GRACE_S, self._kill, h, signal.SIGKILL)
+                self.kill(h, signal.SIGTERM)
+                asyncio.get_running_loop().call_later(KILL_GRACE_S, self.kill, h, signal.SIGKILL)
             elif h.state is State.READY and max_rss and h.counter(ch.RSS) > max_rss:
                 self.recycle(h, f"RSS {h.counter(ch.RSS) / 2**20:.0f} MB over --max-worker-memory")
 
@@ -529,99 +529,6 @@ class Arbiter:
             self.feeder.wake.set()
         if self.hooks is not None:
             self.hooks.reloaded()
-
-    # =========================================================== shutdown
-    async def _shutdown(self) -> None:
-        self.stopping = True
-        if self.hooks is not None:
-            self.hooks.stopping(self)
-        # Workers first: they drain while the buffer goes back (which may take long
-        # when the database is away).
-        for h in self.live_handles():
-            if h.state is State.SPAWNING:
-                self._kill(h, signal.SIGTERM)  # holds no job: no need to wait for its boot
-            h.ask_stop("shutdown")
-        graceful_until = time.monotonic() + self.settings.graceful_timeout_s
-        await self._stop_claiming()
-        try:
-            released = await asyncio.wait_for(
-                self.feeder.release_buffer(), max(1.0, self.settings.graceful_timeout_s)
-            )
-        except TimeoutError:
-            released = 0
-            log.warning("buffered jobs not given back in time; their leases will expire")
-        if released:
-            log.info("gave back %d buffered jobs", released)
-        await self._wait_workers(graceful_until - time.monotonic())
-        for h in self.live_handles():
-            self._kill(h, signal.SIGKILL)
-        await self._wait_workers(WATCHERS_S, immediate_ok=False)
-        if self.live_handles() or self.watchers:
-            log.warning("some workers' jobs were not given back; their leases will expire")
-        self.stop_event.set()
-        await self.tasks.close(wait_for=("write",), timeout_s=15.0)
-        await self._release_leftovers()
-        try:
-            await self.feeder.queue.stop_node(self.node)
-        except DB_ERRORS as e:
-            log.warning("could not mark node %s stopped: %s", self.node, type(e).__name__)
-        await self.feeder.close()
-        with contextlib.suppress(ValueError, OSError):  # gone already if the zygote died
-            asyncio.get_running_loop().remove_reader(self.zygote.sock.fileno())
-        self.zygote.close()
-        log.info(
-            "stopped: %d jobs succeeded, %d dead, %d retried on this run",
-            self.feeder.stats.succeeded,
-            self.feeder.stats.dead,
-            self.feeder.stats.retried,
-        )
-        if self.hooks is not None:
-            await self.hooks.stopped()
-
-    async def _stop_claiming(self) -> None:
-        """End the claim loop before giving the buffer back: a claim that returned after the
-        buffer was emptied would fill it again with jobs nobody runs."""
-        self.feeder.claiming = False
-        self.feeder.wake.set()
-        claim = self.tasks.named("claim")
-        if claim:
-            _, late = await asyncio.wait(claim, timeout=CLAIM_STOP_S)
-            for t in late:  # stuck on the database: whatever it claimed, the sweep gives back
-                t.cancel()
-
-    async def _release_leftovers(self) -> None:
-        """Every worker is gone and every outcome written: whatever this node still holds runs
-        nowhere. Give it back now rather than when its lease expires."""
-        if self.feeder.pending:
-            return  # unwritten outcomes: those jobs ran; let their leases decide
-        try:
-            n = await self.feeder.queue.release_node(self.node)
-        except DB_ERRORS as e:
-            log.warning("could not give back what is left: %s", type(e).__name__)
-            return
-        if n:
-            log.warning("gave back %d jobs no worker held at shutdown", n)
-
-    async def _wait_workers(self, timeout_s: float, immediate_ok: bool = True) -> None:
-        """Until every worker has exited and its watcher has given its jobs back."""
-        deadline = time.monotonic() + timeout_s
-        while (self.live_handles() or self.watchers) and time.monotonic() < deadline:
-            if immediate_ok and self.immediate.is_set():
-                return
-            if self.hooks is not None:
-                self.hooks.draining(deadline - time.monotonic())
-            waits: set[asyncio.Future[Any]] = set(self.watchers)
-            waits.update(h.exited for h in self.live_handles() if not h.exited.done())
-            immediate = asyncio.ensure_future(self.immediate.wait())
-            waits.add(immediate)
-            try:
-                await asyncio.wait(
-                    waits,
-                    timeout=min(0.5, max(0.01, deadline - time.monotonic())),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                immediate.cancel()
 
     def node_info(self) -> dict[str, Any]:
         """What this node publishes in the nodes table (read by `genworker status`)."""
