@@ -111,7 +111,12 @@ class Arbiter:
         self.feeder.bucket = self.bucket
         if self.hooks is not None:
             await self.hooks.starting(self)  # binds --http: a port in use fails here, cleanly
-        await self.feeder.open()
+        try:
+            await self.feeder.open()
+        except BaseException:
+            if self.hooks is not None:
+                await self.hooks.stopped()  # close the HTTP server before the error goes up
+            raise
         given_back = await self.feeder.queue.release_node(self.node)
         if given_back:
             log.info("gave back %d jobs held by a previous run of node %s", given_back, self.node)
