@@ -7,7 +7,8 @@ the requests it accepted; past it a 429 with Retry-After and retry-after-ms),
 and faults injected at given rates. Faults and latencies are drawn from one
 `random.Random(seed)` in arrival order, so a run with the same order of
 requests sees the same faults. Every request is counted, by status and by
-`X-Client-Request-Id`, at GET /stats.
+`X-Client-Request-Id`, at GET /stats, with the images served per request id and
+the most requests it ever held at once.
 """
 
 from __future__ import annotations
@@ -32,7 +33,19 @@ from typing import Any
 from aiohttp import web
 
 SIM_HEADER = "X-Genworker-Simulator"
-FAULTS = ("500", "timeout", "reset", "malformed", "content_type", "400", "401", "quota", "empty")
+# New faults go last: the draw walks this order, so old seeds keep their faults.
+FAULTS = (
+    "500",
+    "timeout",
+    "reset",
+    "malformed",
+    "content_type",
+    "400",
+    "401",
+    "quota",
+    "empty",
+    "429",
+)
 _SIZE = re.compile(r"^\d{2,5}x\d{2,5}$")
 
 
@@ -50,6 +63,8 @@ class SimConfig:
     fail_401: float = 0.0  # invalid key (echoing the key sent, as providers do)
     fail_quota: float = 0.0  # 429 insufficient_quota
     fail_empty: float = 0.0  # 200 with "data": []
+    fail_429: float = 0.0  # 429 rate_limit_exceeded with Retry-After, whatever the rate
+    fault_retry_after_ms: float = 100.0  # the wait an injected 429 asks for
     hang_s: float = 3600.0
     api_key: str | None = None  # when set, requests must carry "Bearer <key>"
     seed: int = 1
@@ -96,6 +111,7 @@ class SimApi:
         self.window: collections.deque[float] = collections.deque()
         self.files: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.seq = 0
+        self.inflight = 0
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -104,6 +120,10 @@ class SimApi:
         self.by_fault: collections.Counter[str] = collections.Counter()
         self.recent: collections.deque[float] = collections.deque()  # arrivals in the last 1 s
         self.max_per_s = 0  # most arrivals (any status) seen in one sliding second
+        # images served per request id: a job's result can only come from one of these
+        self.images_by_request_id: collections.Counter[str] = collections.Counter()
+        # most requests held at once (a hung one until its client leaves)
+        self.max_inflight = self.inflight
         self.started = time.monotonic()
 
     def arrived(self, now: float) -> None:
@@ -120,7 +140,10 @@ class SimApi:
             "by_status": dict(self.by_status),
             "by_fault": dict(self.by_fault),
             "by_request_id": dict(self.by_request_id),
+            "images_by_request_id": dict(self.images_by_request_id),
             "max_in_any_second": self.max_per_s,
+            "inflight": self.inflight,
+            "max_inflight": self.max_inflight,
             "elapsed_s": time.monotonic() - self.started,
             "config": config,
         }
@@ -257,6 +280,15 @@ async def _fault(name: str, sim: SimApi, request: web.Request, key: str) -> web.
         )
     if name == "empty":
         return web.json_response({"created": int(time.time()), "data": [], "simulated": True})
+    if name == "429":
+        ms = max(1, math.ceil(sim.config.fault_retry_after_ms))
+        return _error(
+            429,
+            f"Rate limit reached (simulated fault). Try again in {ms}ms.",
+            "requests",
+            "rate_limit_exceeded",
+            **{"retry-after-ms": str(ms), "Retry-After": str(math.ceil(ms / 1000))},
+        )
     raise AssertionError(name)
 
 
@@ -274,6 +306,15 @@ def _reset(request: web.Request) -> web.Response:
 
 async def generations(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
+    sim.inflight += 1
+    sim.max_inflight = max(sim.max_inflight, sim.inflight)
+    try:
+        return await _generations(sim, request)
+    finally:
+        sim.inflight -= 1
+
+
+async def _generations(sim: SimApi, request: web.Request) -> web.StreamResponse:
     sim.arrived(time.monotonic())
     sim.seq += 1
     seq = sim.seq
@@ -315,6 +356,9 @@ def _image(sim: SimApi, request: web.Request, body: dict[str, Any], seq: int) ->
     else:
         item = {"b64_json": base64.b64encode(png).decode()}
     _counted(sim, request, "200")
+    rid = request.headers.get("X-Client-Request-Id")
+    if rid:
+        sim.images_by_request_id[rid[:200]] += 1
     return web.json_response({"created": int(time.time()), "data": [item], "simulated": True})
 
 
@@ -378,6 +422,8 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("fail_401", float, "share refused as a bad key"),
     ("fail_quota", float, "share answered 429 insufficient_quota"),
     ("fail_empty", float, "share answered with no image"),
+    ("fail_429", float, "share answered 429 rate_limit_exceeded (any rate)"),
+    ("fault_retry_after_ms", float, "the Retry-After of those 429s, ms"),
     ("hang_s", float, "how long a timeout fault holds the request, s"),
     ("api_key", str, "require this bearer key (prefer GENWORKER_SIM_API_KEY)"),
     ("seed", int, "seed of the faults and latencies"),
@@ -438,8 +484,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     rates = [rate for _, rate in config.fault_rates()]
     if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
         raise ValueError("fault rates must each be in [0, 1] and sum to at most 1")
-    if config.latency_ms < 0 or config.jitter_ms < 0 or config.hang_s < 0:
-        raise ValueError("--latency-ms, --jitter-ms and --hang-s must not be negative")
+    if min(config.latency_ms, config.jitter_ms, config.hang_s, config.fault_retry_after_ms) < 0:
+        raise ValueError(
+            "--latency-ms, --jitter-ms, --hang-s and --fault-retry-after-ms must not be negative"
+        )
     if config.rps is not None and config.rps <= 0:
         raise ValueError("--rps must be positive")
     return config
