@@ -146,28 +146,25 @@ class SharedBlock:
         self.max_workers = max_workers
         self.size = HEADER_BYTES + max_workers * SLOT_DOUBLES * 8
         self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_SHARED)
-        self._doubles = memoryview(self.mm)[HEADER_BYTES:].cast("d")
+        self._doubles: memoryview[float] = memoryview(self.mm)[HEADER_BYTES:].cast("d")
 
     def bucket_buffer(self) -> memoryview:
         return memoryview(self.mm)[:BUCKET_BYTES]
 
-    def slot(self, index: int) -> memoryview:
+    def slot(self, index: int) -> memoryview[float]:
         """The float64 fields of one worker's slot (write only from that worker)."""
         if not 0 <= index < self.max_workers:
             raise IndexError(f"worker slot {index} out of range 0..{self.max_workers - 1}")
         start = index * SLOT_DOUBLES
         return self._doubles[start : start + SLOT_DOUBLES]
 
-    def snapshot(self, index: int) -> list[float]:
-        return self.slot(index).tolist()
 
-
-def clear_slot(slot: memoryview) -> None:
+def clear_slot(slot: memoryview[float]) -> None:
     for i in range(len(slot)):
         slot[i] = 0.0
 
 
-def observe_latency(slot: memoryview, seconds: float) -> None:
+def observe_latency(slot: memoryview[float], seconds: float) -> None:
     slot[LATENCY_SUM] += seconds
     slot[LATENCY_COUNT] += 1
     for i, bound in enumerate(LATENCY_BUCKETS_S):

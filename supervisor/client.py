@@ -238,6 +238,7 @@ class Client:
                     yield c
             else:
                 if self._own is None or self._own.closed:
+                    assert self._dsn is not None  # __init__ takes exactly one source
                     self._own = psycopg.connect(
                         self._dsn, autocommit=True, application_name="genworker"
                     )
@@ -338,6 +339,7 @@ class AsyncClient:
                     yield c
             else:
                 if self._own is None or self._own.closed:
+                    assert self._dsn is not None  # __init__ takes exactly one source
                     self._own = await psycopg.AsyncConnection.connect(
                         self._dsn, autocommit=True, application_name="genworker"
                     )

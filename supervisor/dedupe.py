@@ -57,7 +57,7 @@ class CacheGate:
             str(p.get("model") or self.settings.model),
             prompt,
             str(p.get("size") or self.settings.size),
-            job.index,
+            job.idx,
         )
 
     async def lookup(self, jobs: list[Job]) -> tuple[list[Job], list[Outcome]]:

@@ -45,7 +45,7 @@ class Job(NamedTuple):
     job_id: int
     token: int  # fencing token: the completion must present it
     task_id: int
-    index: int  # position in its task (the image's variation index)
+    idx: int  # position in its task (the image's variation index)
     kind: str  # handler name: "image", "noop", or a user kind
     params: dict[str, Any]  # the task's parameters (prompt, size, model ...)
     attempt: int  # 1 for the first run

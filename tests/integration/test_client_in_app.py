@@ -22,7 +22,7 @@ def finish_all(dsn: str, kind: OutcomeKind = OutcomeKind.OK) -> int:
     with sync_queue(dsn) as q:
         jobs = q.claim("test-node", 1000, 30.0)
         q.complete(
-            [Outcome(j.job_id, j.token, kind, result={"n": j.index}, error="refused") for j in jobs]
+            [Outcome(j.job_id, j.token, kind, result={"n": j.idx}, error="refused") for j in jobs]
         )
     return len(jobs)
 

@@ -117,5 +117,5 @@ def test_job_fields_reach_the_worker_in_their_places(dsn: str, client: Client) -
     q: SyncQueue
     with sync_queue(dsn) as q:
         [job] = q.claim("node-a", 1, 30)
-    assert (job.task_id, job.index, job.kind, job.attempt) == (task, 0, "image", 1)
+    assert (job.task_id, job.idx, job.kind, job.attempt) == (task, 0, "image", 1)
     assert job.params == {"prompt": "an owl", "size": "512x512"}
