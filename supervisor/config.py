@@ -30,6 +30,7 @@ class Plan:
     name: str
     images: int
     priority: int  # lower is served first
+    tenant_cap: int | None = None  # a tenant's jobs of this plan in flight; None: --tenant-cap
 
 
 DEFAULT_PLANS: tuple[Plan, ...] = (
@@ -117,7 +118,8 @@ class Settings:
     # --- the queue
     plans: tuple[Plan, ...] = _opt(
         DEFAULT_PLANS,
-        "plans as name=images:priority,... (lower priority is served first)",
+        "plans as name=images:priority[:tenant_cap],... (lower priority is served first; "
+        "tenant_cap overrides --tenant-cap for the plan, 0: none)",
         cmds="start,submit,config,demo",
     )
     max_attempts: int = _opt(
@@ -139,9 +141,24 @@ class Settings:
     )
     priority_step_s: float = _opt(
         600.0,
-        "aging: seconds of waiting one plan-priority level is worth",
+        "aging: seconds of waiting one plan-priority level is worth (a task waits at most "
+        "about priority x this, plus its size term, behind later arrivals)",
         lo=0,
         hi=30 * 86400,
+        cmds="start,migrate,config,demo",
+    )
+    size_step_s: float = _opt(
+        1.0,
+        "smallest task first: seconds of waiting one image of a task's size is worth",
+        lo=0,
+        hi=86400,
+        cmds="start,migrate,config,demo",
+    )
+    tenant_cap: int = _opt(
+        0,
+        "jobs of one plan a tenant may have in flight across the cluster (0: no cap)",
+        lo=0,
+        hi=1_000_000,
         cmds="start,migrate,config,demo",
     )
     retention_s: float = _opt(
@@ -289,7 +306,10 @@ def display_value(name: str, value: Any) -> str:
 
 
 def format_plans(plans: tuple[Plan, ...]) -> str:
-    return ",".join(f"{p.name}={p.images}:{p.priority}" for p in plans)
+    return ",".join(
+        f"{p.name}={p.images}:{p.priority}" + ("" if p.tenant_cap is None else f":{p.tenant_cap}")
+        for p in plans
+    )
 
 
 _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -298,10 +318,13 @@ _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 def parse_plans(text: str) -> tuple[Plan, ...]:
     plans = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        m = re.fullmatch(r"([^=]+)=(\d+)(?::(-?\d+))?", item)
+        m = re.fullmatch(r"([^=]+)=(\d+)(?::(-?\d+)(?::(\d+))?)?", item)
         if not m:
-            raise ConfigError(f"bad plan {item!r}: write name=images:priority, e.g. pro=70:2")
-        plans.append(Plan(m[1].strip(), int(m[2]), int(m[3] or 0)))
+            raise ConfigError(
+                f"bad plan {item!r}: write name=images:priority[:tenant_cap], e.g. pro=70:2:20"
+            )
+        cap = None if m[4] is None else int(m[4])
+        plans.append(Plan(m[1].strip(), int(m[2]), int(m[3] or 0), cap))
     return _check_plans(plans)
 
 
@@ -314,6 +337,8 @@ def _check_plans(plans: list[Plan]) -> tuple[Plan, ...]:
             raise ConfigError(f"bad plan name {p.name!r}: use lowercase letters, digits, - and _")
         if not 1 <= p.images <= 10000:
             raise ConfigError(f"plan {p.name}: images must be 1..10000, got {p.images}")
+        if p.tenant_cap is not None and not 0 <= p.tenant_cap <= 1_000_000:
+            raise ConfigError(f"plan {p.name}: tenant_cap must be 0..1000000, got {p.tenant_cap}")
         if p.name in names:
             raise ConfigError(f"plan {p.name} is defined twice")
         names.add(p.name)
@@ -329,7 +354,15 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         if name == "plans":
             if isinstance(raw, Mapping):  # TOML: [plans.pro] images = 70, priority = 2
                 return _check_plans(
-                    [Plan(k, int(v["images"]), int(v.get("priority", 0))) for k, v in raw.items()]
+                    [
+                        Plan(
+                            k,
+                            int(v["images"]),
+                            int(v.get("priority", 0)),
+                            None if v.get("tenant_cap") is None else int(v["tenant_cap"]),
+                        )
+                        for k, v in raw.items()
+                    ]
                 )
             return parse_plans(str(raw))
         if name == "handlers":

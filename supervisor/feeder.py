@@ -32,6 +32,12 @@ from .queue import Listener, Queue, retry_delay_s, sleep_unless
 log = logging.getLogger("genworker.feeder")
 
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+# While the database is away: ask the pool for a connection this often, and let each of
+# the pool's reconnection attempts give up after RECONNECT_S (its backoff doubles up to 5
+# minutes by default, so after a long outage the first connection came up to minutes
+# after the server was back). Work resumes within about a second of its return.
+DB_PROBE_S = 0.5
+RECONNECT_S = 2.0
 BUFFER_S = 0.05  # the buffer holds at least this much work at the recent completion rate
 MAX_BUFFER = 2000
 WRITE_GATHER_S = 0.02  # outcomes wait at most this long for company before a write
@@ -113,6 +119,7 @@ class Feeder:
             min_size=min(2, settings.db_pool_size),
             max_size=settings.db_pool_size,
             timeout=settings.db_pool_timeout_s,
+            reconnect_timeout=RECONNECT_S,
             kwargs={"autocommit": True, "application_name": f"genworker {node}"},
             open=False,
         )
@@ -133,6 +140,7 @@ class Feeder:
         self.probe = False  # after a pause, one job at a time until one succeeds
         self.db_ok = False
         self.db_error: str | None = None
+        self.db_back = asyncio.Event()  # set while the database answers: ends retry pauses
         self.live_nodes = 1
         self.listener = Listener(dsn, self)  # type: ignore[arg-type]  # it calls .set()
         self.rng = random.Random()
@@ -143,6 +151,7 @@ class Feeder:
     async def open(self) -> None:
         await self.pool.open(wait=True, timeout=self.settings.db_pool_timeout_s)
         self.db_ok = True
+        self.db_back.set()
         cache = open_cache(self.settings, self.pool)
         if cache is not None:
             self.gate = CacheGate(cache, self.settings)
@@ -169,12 +178,29 @@ class Feeder:
             )
         self.db_ok = False
         self.db_error = reason
+        self.db_back.clear()
 
     def _db_back(self) -> None:
         if not self.db_ok:
             log.info("database reachable again")
         self.db_ok = True
         self.db_error = None
+        self.db_back.set()
+
+    async def _retry_pause(self, seconds: float) -> None:
+        """Back off after a database error: `seconds`, or until the database is back."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.db_back.wait(), seconds)
+
+    async def _probe(self) -> bool:
+        """Is the database back? Asking the pool (briefly) also has it try to reconnect now."""
+        try:
+            async with self.pool.connection(timeout=DB_PROBE_S) as conn:
+                await conn.execute("SELECT 1")
+        except DB_ERRORS:
+            return False
+        self._db_back()
+        return True
 
     # ------------------------------------------------------------ claiming
     def capacity(self) -> tuple[int, int]:
@@ -220,7 +246,7 @@ class Feeder:
                     jobs = await self.queue.claim(self.node, n, self.settings.lease_s)
                 except DB_ERRORS as e:
                     self._db_failed("claim", e)
-                    await asyncio.sleep(backoff)
+                    await self._retry_pause(backoff)
                     backoff = min(backoff * 2, 5.0)
                     self.wake.set()
                     continue
@@ -398,7 +424,7 @@ class Feeder:
             except DB_ERRORS as e:
                 self._db_failed("complete", e)
                 self.pending[:0] = batch  # keep them, oldest first, and try again
-                await asyncio.sleep(backoff)
+                await self._retry_pause(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
@@ -451,7 +477,7 @@ class Feeder:
                 done = await self.queue.release(pairs, reason, self.settings.max_worker_deaths)
             except DB_ERRORS as e:
                 self._db_failed("release", e)
-                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+                await self._retry_pause(min(0.1 * 2**attempt, 2.0))
                 continue
             self._db_back()
             self.stats.released += len(done.applied)
@@ -477,6 +503,10 @@ class Feeder:
     async def lease_loop(self, stop: asyncio.Event, info: Callable[[], dict[str, Any]]) -> None:
         every = max(0.2, self.settings.lease_s / 3)  # renew well before the lease/2 mark
         while not stop.is_set():
+            if not self.db_ok and not await self._probe():
+                # away: probe often (the other loops wait in the pool's queue meanwhile)
+                await sleep_unless(stop, DB_PROBE_S)
+                continue
             try:
                 self.stats.renewed += await self.queue.renew(self.node, self.settings.lease_s)
                 self.live_nodes = await self.queue.heartbeat(

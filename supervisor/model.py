@@ -50,6 +50,7 @@ class Job(NamedTuple):
     params: dict[str, Any]  # the task's parameters (prompt, size, model ...)
     attempt: int  # 1 for the first run
     deaths: int = 0  # worker deaths it was in flight for: a suspect runs alone
+    urgency: float = 0.0  # the claim's order key, smallest first (genworker.urgency)
 
 
 class Outcome(NamedTuple):

@@ -103,7 +103,8 @@ class Queue:
             return await cur.fetchall()
 
     async def claim(self, node: str, n: int, lease_s: float) -> list[Job]:
-        """Claim up to n runnable jobs, most urgent first."""
+        """Claim up to n runnable jobs, most urgent first, no tenant past its cap (see
+        migrations/0003_scheduling.sql); each Job carries its order key."""
         if n <= 0:
             return []
         rows = await self._rows("claim_jobs", {"node": node, "n": n, "lease_s": lease_s})
@@ -111,13 +112,13 @@ class Queue:
         # which nobody mutates: workers get their own copy through the pipe).
         by_text: dict[str, dict[str, Any]] = {}
         jobs = []
-        # Rows are (job_id, token, task_id, idx, kind, attempt, params, deaths); Job puts
-        # params before attempt.
-        for job_id, token, task_id, idx, kind, attempt, text, deaths in rows:
+        # Rows are (job_id, token, task_id, idx, kind, attempt, params, deaths, urgency); Job
+        # puts params before attempt.
+        for job_id, token, task_id, idx, kind, attempt, text, deaths, urgency in rows:
             params = by_text.get(text)
             if params is None:
                 params = by_text[text] = json.loads(text)
-            jobs.append(Job(job_id, token, task_id, idx, kind, params, attempt, deaths))
+            jobs.append(Job(job_id, token, task_id, idx, kind, params, attempt, deaths, urgency))
         return jobs
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:

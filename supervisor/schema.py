@@ -35,17 +35,25 @@ def migrate(conn: psycopg.Connection, settings: Settings | None = None) -> list[
 
 
 def sync_settings(conn: psycopg.Connection, settings: Settings) -> None:
-    """Write the plans and limits that `genworker.submit_task` validates against."""
+    """Write the plans and limits that `genworker.submit_task` validates against, and the
+    knobs of the order of service and of the tenant caps that the claim reads."""
     for plan in settings.plans:
         conn.execute(
             sql.query("upsert_plan"),
-            {"name": plan.name, "images": plan.images, "priority": plan.priority},
+            {
+                "name": plan.name,
+                "images": plan.images,
+                "priority": plan.priority,
+                "tenant_cap": plan.tenant_cap,
+            },
         )
     conn.execute(sql.query("delete_other_plans"), {"names": [p.name for p in settings.plans]})
     for key, value in {
         "max_prompt_chars": settings.max_prompt_chars,
         "max_attempts": settings.max_attempts,
         "priority_step_s": settings.priority_step_s,
+        "size_step_s": settings.size_step_s,
+        "tenant_cap": settings.tenant_cap,
     }.items():
         conn.execute(sql.query("upsert_setting"), {"key": key, "value": json.dumps(value)})
 

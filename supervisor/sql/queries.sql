@@ -28,10 +28,13 @@ SELECT CASE WHEN to_regclass('genworker.migrations') IS NULL THEN NULL
             ELSE (SELECT max(version) FROM genworker.migrations) END AS version
 
 -- upsert_plan --
--- Keep the plans table in step with the settings.
-INSERT INTO genworker.plans (name, images, priority) VALUES (%(name)s, %(images)s, %(priority)s)
-ON CONFLICT (name) DO UPDATE SET images = excluded.images, priority = excluded.priority
-WHERE (plans.images, plans.priority) IS DISTINCT FROM (excluded.images, excluded.priority)
+-- Keep the plans table in step with the settings (tenant_cap NULL: the tenant_cap setting).
+INSERT INTO genworker.plans (name, images, priority, tenant_cap)
+VALUES (%(name)s, %(images)s, %(priority)s, %(tenant_cap)s)
+ON CONFLICT (name) DO UPDATE
+SET images = excluded.images, priority = excluded.priority, tenant_cap = excluded.tenant_cap
+WHERE (plans.images, plans.priority, plans.tenant_cap)
+      IS DISTINCT FROM (excluded.images, excluded.priority, excluded.tenant_cap)
 
 -- delete_other_plans --
 -- Forget plans the settings no longer name (existing tasks keep their copy of the priority).
@@ -52,9 +55,9 @@ SELECT genworker.submit_task(%(plan)s, %(params)s, %(tenant)s, %(kind)s, %(idemp
 SELECT genworker.submit_tasks(%(tasks)s) AS ids
 
 -- claim_jobs --
--- Claim up to n of the most urgent runnable jobs under a lease (params as text: the jobs of
--- one task share it, so the caller decodes it once per task, not once per job).
-SELECT job_id, token, task_id, idx, kind, attempt, params::text AS params, deaths
+-- Claim up to n of the most urgent runnable jobs under a lease, with each one's order key
+-- (params as text: the jobs of one task share it, so the caller decodes it once per task).
+SELECT job_id, token, task_id, idx, kind, attempt, params::text AS params, deaths, urgency
   FROM genworker.claim_jobs(%(node)s, %(n)s, %(lease_s)s)
 
 -- complete_jobs --

@@ -1,0 +1,193 @@
+"""Order of service: plan priority, then the smallest task, then arrival; aging bounds every
+wait; the knobs come from the settings; a node's buffer hands jobs out in the same order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from queue_support import sync_queue
+
+from supervisor import schema
+from supervisor.buffer import UrgencyBuffer
+from supervisor.client import Client
+from supervisor.config import Plan, Settings
+
+DEFAULTS = Settings()
+PRO_OFFSET_S = 2 * DEFAULTS.priority_step_s + 70 * DEFAULTS.size_step_s  # a Pro task's lead
+
+
+def claim_order(dsn: str, batch: int, limit: int = 10_000) -> list[tuple[int, int]]:
+    """(task, index) of every job, in the order claims hand them out, `batch` at a time."""
+    order: list[tuple[int, int]] = []
+    with sync_queue(dsn) as q:
+        for _ in range(limit):
+            jobs = q.claim("node-a", batch, 30)
+            if not jobs:
+                return order
+            order += [(j.task_id, j.idx) for j in jobs]
+    raise AssertionError(f"the queue did not drain in {limit} claims")
+
+
+def task_runs(order: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The order as (task, jobs in a row): one run per task when tasks are not interleaved."""
+    runs: list[list[int]] = []
+    for task, _ in order:
+        if runs and runs[-1][0] == task:
+            runs[-1][1] += 1
+        else:
+            runs.append([task, 1])
+    return [(t, n) for t, n in runs]
+
+
+def submit(client: Client, plan: str, n: int, tenant: str = "default") -> int:
+    """One task in its own transaction, so each task has its own arrival time."""
+    return int(client.submit(plan, "a lighthouse at dusk", n=n, tenant=tenant))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 100])
+def test_known_tasks_are_claimed_by_plan_then_size_then_arrival(
+    dsn: str, client: Client, batch: int
+) -> None:
+    pro_big = submit(client, "pro", 70)
+    start_big = submit(client, "start", 30)
+    free_two = submit(client, "free", 2)
+    start_small = submit(client, "start", 5)
+    free_one = submit(client, "free", 1)
+    pro_small = submit(client, "pro", 3)
+    pro_big_later = submit(client, "pro", 70)
+
+    order = claim_order(dsn, batch)
+
+    assert task_runs(order) == [
+        (free_one, 1),  # free first, the smaller free task before the earlier one
+        (free_two, 2),
+        (start_small, 5),
+        (start_big, 30),
+        (pro_small, 3),
+        (pro_big, 70),  # equal sizes: arrival order, each task whole before the next
+        (pro_big_later, 70),
+    ]
+    # within a task, images go in index order
+    for task in (pro_big, start_big):
+        assert [i for t, i in order if t == task] == sorted(i for t, i in order if t == task)
+
+
+def test_equal_tasks_finish_one_after_another_not_all_at_the_end(dsn: str, client: Client) -> None:
+    """With equal sizes, fewest-left-first is arrival order: the first of ten Pro tasks has all
+    its images claimed before any of the second's (no sharing that would delay all ten)."""
+    tasks = client.submit_many([{"plan": "pro", "params": {"prompt": "p"}}] * 10)  # one transaction
+    order = claim_order(dsn, 40)
+    assert task_runs(order) == [(t, 70) for t in tasks]
+
+
+def _waited(conn: psycopg.Connection, task_id: int, seconds: float) -> None:
+    """Make a task look as if it had been submitted `seconds` ago (instead of sleeping)."""
+    conn.execute(
+        "UPDATE genworker.jobs j SET urgency = genworker.urgency(t.priority, t.n_jobs,"
+        "       t.created_at - make_interval(secs => %(s)s)),"
+        "       created_at = t.created_at - make_interval(secs => %(s)s)"
+        "  FROM genworker.tasks t WHERE t.id = j.task_id AND t.id = %(task)s",
+        {"task": task_id, "s": seconds},
+    )
+    conn.execute(
+        "UPDATE genworker.tasks SET created_at = created_at - make_interval(secs => %s)"
+        " WHERE id = %s",
+        (seconds, task_id),
+    )
+
+
+@pytest.mark.parametrize(
+    ("waited_s", "first"),
+    [(PRO_OFFSET_S - 60, "free"), (PRO_OFFSET_S + 60, "pro")],
+    ids=["waited-less-than-its-offset", "waited-longer"],
+)
+def test_aging_a_starved_pro_task_goes_first_once_it_has_waited_its_offset(
+    dsn: str, conn: psycopg.Connection, client: Client, waited_s: float, first: str
+) -> None:
+    pro = submit(client, "pro", 70)
+    _waited(conn, pro, waited_s)
+    # a flood of small tasks, all arriving now
+    client.submit_many([{"plan": "free", "params": {"prompt": "p"}}] * 200)
+    with sync_queue(dsn) as q:
+        [job] = q.claim("node-a", 1, 30)
+    plan = conn.execute("SELECT plan FROM genworker.tasks WHERE id = %s", (job.task_id,)).fetchone()
+    assert plan == (first,)
+
+
+def test_no_stream_of_small_tasks_holds_a_big_one_back_past_its_offset(
+    dsn: str, conn: psycopg.Connection, client: Client
+) -> None:
+    """The bound: small tasks that arrive later than the big task's key minus their own
+    offset queue behind it, however many there are."""
+    pro = submit(client, "pro", 70)
+    _waited(conn, pro, PRO_OFFSET_S)  # it arrived exactly its offset ago
+    free_size_s = 2 * DEFAULTS.size_step_s
+    before = client.submit_many([{"plan": "free", "params": {"prompt": "p"}}] * 5)
+    for task in before:  # these arrived before the Pro task's key minus their own offset
+        _waited(conn, task, free_size_s + 30)
+    after = client.submit_many([{"plan": "free", "params": {"prompt": "p"}}] * 500)
+    runs = task_runs(claim_order(dsn, 100))
+    assert [t for t, _ in runs[:6]] == [*before, pro]
+    assert sorted(t for t, _ in runs[6:]) == sorted(after)
+
+
+def _resync(conn: psycopg.Connection, **changes: Any) -> None:
+    schema.sync_settings(conn, Settings(**changes))
+
+
+def test_priorities_and_steps_are_settings(
+    dsn: str, conn: psycopg.Connection, client: Client
+) -> None:
+    # bigger plans first, and size does not count: then it is priority and arrival only
+    _resync(
+        conn,
+        plans=(Plan("free", 2, 2), Plan("start", 30, 1), Plan("pro", 70, 0)),
+        size_step_s=0.0,
+    )
+    free = submit(client, "free", 2)
+    pro_big = submit(client, "pro", 70)
+    pro_small = submit(client, "pro", 1)
+    assert task_runs(claim_order(dsn, 100)) == [(pro_big, 70), (pro_small, 1), (free, 2)]
+
+
+def test_a_zero_priority_step_leaves_size_then_arrival(
+    dsn: str, conn: psycopg.Connection, client: Client
+) -> None:
+    _resync(conn, priority_step_s=0.0)
+    start = submit(client, "start", 3)
+    pro = submit(client, "pro", 2)
+    free = submit(client, "free", 2)
+    assert task_runs(claim_order(dsn, 100)) == [(pro, 2), (free, 2), (start, 3)]
+
+
+def test_a_retried_job_keeps_its_place(dsn: str, conn: psycopg.Connection, client: Client) -> None:
+    """A retry comes back with its task's key: ahead of tasks that arrived after its task."""
+    first = submit(client, "free", 1)
+    with sync_queue(dsn) as q:
+        [job] = q.claim("node-a", 1, 30)
+        conn.execute(
+            "UPDATE genworker.jobs SET status = 'scheduled', lease_expires = NULL,"
+            " run_after = now() - interval '1 second' WHERE id = %s",
+            (job.job_id,),
+        )
+        later = submit(client, "free", 1)
+        [again] = q.claim("node-a", 1, 30)
+    assert (again.task_id, later) == (first, later)
+
+
+def test_the_buffer_gives_out_a_later_claimed_urgent_job_first(dsn: str, client: Client) -> None:
+    """A node claimed Pro jobs into its buffer, then a Free task arrived and was claimed: the
+    next free slot gets the Free job, as the database would have ordered them."""
+    pro = submit(client, "pro", 70)
+    buffer = UrgencyBuffer()
+    with sync_queue(dsn) as q:
+        for job in q.claim("node-a", 40, 30):
+            buffer.append(job)
+        free = submit(client, "free", 2)
+        for job in q.claim("node-a", 40, 30):
+            buffer.append(job)
+    handed = [buffer.popleft().task_id for _ in range(len(buffer))]
+    assert handed == [free, free] + [pro] * 70
+    assert not buffer
