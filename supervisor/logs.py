@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Literal, TextIO
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit
 
 MASK = "***"
 
@@ -86,8 +86,11 @@ def dsn_password(dsn: str | None) -> str | None:
 
     try:
         password = conninfo_to_dict(dsn).get("password")
-    except psycopg.ProgrammingError:  # not a DSN: then it holds no password we could find
-        return None
+    except (psycopg.Error, ValueError):  # not a DSN (or not UTF-8): look for a URL's password
+        try:
+            password = urlsplit(dsn).password
+        except ValueError:
+            return None
     return str(password) if password else None
 
 

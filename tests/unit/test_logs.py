@@ -183,4 +183,7 @@ def test_the_password_is_found_in_either_dsn_form() -> None:
     assert dsn_password("host=db user=gw password='a b' dbname=gw") == "a b"
     assert dsn_password("postgresql://gw@db/gw") is None
     assert dsn_password(None) is None
+    # not a DSN psycopg can parse (not UTF-8, an open bracket): the URL's password, or none
+    assert dsn_password("postgresql://u:pw-x@127.0.0.1/caf\udce9") == "pw-x"
+    assert dsn_password("postgresql://u:pw-x@[::1") is None
     assert dsn_password("not a dsn = = '") is None
