@@ -23,6 +23,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .api.limiter import SharedTokenBucket
+from .buffer import UrgencyBuffer
 from .cache import open_cache
 from .config import Settings
 from .dedupe import CacheGate
@@ -124,7 +125,9 @@ class Feeder:
             open=False,
         )
         self.queue = Queue(self.pool, snooze_max_s=settings.snooze_max_s)
-        self.buffer: deque[Job] = deque()
+        # Claimed jobs waiting for a slot, most urgent first (the claim's order key): a Free
+        # job claimed after buffered Pro jobs goes out before them, as in the database.
+        self.buffer = UrgencyBuffer()
         # Jobs that were in flight when a worker died: each runs alone on a worker, so a
         # poison job among them cannot take its neighbours down with it a second time.
         self.suspects: deque[Job] = deque()
