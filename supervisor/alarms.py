@@ -84,6 +84,7 @@ class AlarmLimits:
     window_s: float = 60.0  # API error rate and worker restarts
     db_window_s: float = 15.0
     bad_api_key_clear_s: float = 300.0  # a key alarm with no new occurrence clears then
+    bad_api_key_pause_s: float = 60.0  # claims pause this long, then one job probes the key
 
     def to_text(self) -> str:
         return ",".join(f"{f.name}={getattr(self, f.name):g}" for f in fields(self))

@@ -28,6 +28,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from . import channels as ch
+from .alarms import parse_limits
 from .config import Settings
 from .feeder import Feeder
 from .model import Job
@@ -48,7 +49,6 @@ MONITOR_S = 0.25
 KILL_GRACE_S = 2.0
 CHANNEL_EOF_S = 1.0  # after a worker's exit, how long its channel may take to deliver the rest
 BOOT_TIMEOUT_S = 60.0
-KEY_PAUSE_S = 60.0  # a rejected API key pauses claims this long (then one job probes it)
 SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -99,6 +99,9 @@ class Arbiter:
         self.watchers: set[asyncio.Task[None]] = set()  # one per worker: its death is settled
         self.spawning: set[int] = set()
         self.started_at = time.monotonic()
+        # a rejected API key pauses claims this long, then one job probes it
+        self.key_pause_s = parse_limits(settings.alarms).bad_api_key_pause_s
+        self.probe_timer: asyncio.TimerHandle | None = None
         self.monitored_at = time.monotonic()  # the monitor's last round (the watchdog's health)
 
     # ================================================================= run
@@ -440,13 +443,26 @@ class Arbiter:
         """A worker's outcome says something is wrong with the node (bad key, no quota):
         pause claims, and let the alarms say so (one line when it starts)."""
         if name in ("bad_api_key", "insufficient_quota"):
-            self.feeder.pause_claims(KEY_PAUSE_S)
+            self.feeder.pause_claims(self.key_pause_s)
+            if self.probe_timer is not None:
+                self.probe_timer.cancel()
+            self.probe_timer = asyncio.get_running_loop().call_later(
+                self.key_pause_s + 0.05, self._probe_after_pause
+            )
         if self.hooks is not None:
             self.hooks.alarm(name, detail)
             return
         if name not in self.alarms:
             log.error("API says %s (%s): pausing claims", name.replace("_", " "), detail[:200])
         self.alarms[name] = detail[:200]
+
+    def _probe_after_pause(self) -> None:
+        """The pause is over: hand out one buffered job (the feeder dispatches only on
+        events: with the buffer full and the workers idle, none would come)."""
+        self.probe_timer = None
+        if time.monotonic() >= self.feeder.paused_until and not self.stopping:
+            self.feeder.dispatch()
+            self.feeder.wake.set()
 
     def active_alarms(self) -> dict[str, str]:
         return self.hooks.active_alarms() if self.hooks is not None else dict(self.alarms)

@@ -206,7 +206,8 @@ class Settings:
         "",
         "alarm limits as name=value,... (any subset): queue_depth=50 (tasks waiting to start), "
         "queue_depth_hold_s=30, api_error_rate=0.05, db_wait_s=5, worker_restarts=5, "
-        "window_s=60 (error rate, restarts), db_window_s=15, bad_api_key_clear_s=300",
+        "window_s=60 (error rate, restarts), db_window_s=15, bad_api_key_clear_s=300, "
+        "bad_api_key_pause_s=60 (claims paused, then one job probes the key)",
         cmds=_RUN,
     )
     log_format: str = _opt(

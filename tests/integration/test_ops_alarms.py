@@ -108,7 +108,7 @@ def test_queue_depth_error_rate_and_restarts_fire_and_clear_once_each(
         systemd.close()
 
 
-def test_a_bad_key_alarm_clears_when_a_hup_brings_the_right_key(
+def test_a_bad_key_pauses_then_probes_and_clears_when_a_hup_brings_the_right_key(
     launch: Launcher, client: Client, conn: psycopg.Connection, tmp_path: Path
 ) -> None:
     key_file = tmp_path / "api-key"
@@ -116,7 +116,7 @@ def test_a_bad_key_alarm_clears_when_a_hup_brings_the_right_key(
     sim = launch.sim(latency_ms=100, env={"GENWORKER_SIM_API_KEY": RIGHT_KEY})
     node = launch.node(
         sim, "test-keyalarm", "--http", "127.0.0.1:0", "--api-key-file", str(key_file),
-        workers=2, lease_s=3,
+        "--alarms", "bad_api_key_pause_s=2", workers=2, lease_s=3,
     )  # fmt: skip
     address = http_address(node)
     node.wait_workers(2)
@@ -127,6 +127,11 @@ def test_a_bad_key_alarm_clears_when_a_hup_brings_the_right_key(
     reason = next(r for r in doc["reasons"] if r.startswith("alarm bad_api_key"))
     assert "401" in reason
     assert "claims paused" in reason
+    # after each pause one job probes the key: refused again, it changes nothing else
+    refused = sim.stats()["total"]
+    wait_for(lambda: sim.stats()["total"] >= refused + 2, "two probes, one per pause", 30)
+    assert status_counts(conn).get("succeeded", 0) == 0
+    assert alarm_lines(node.log())["bad_api_key"] == ["raised"]
 
     key_file.write_text(RIGHT_KEY)
     node.signal(signal.SIGHUP)  # new workers read the new key; the pause ends with a probe
