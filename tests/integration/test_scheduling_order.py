@@ -10,9 +10,10 @@ import pytest
 from queue_support import sync_queue
 
 from supervisor import schema
-from supervisor.buffer import UrgencyBuffer
 from supervisor.client import Client
 from supervisor.config import Plan, Settings
+from supervisor.feeder import Feeder
+from supervisor.model import Job
 
 DEFAULTS = Settings()
 PRO_OFFSET_S = 2 * DEFAULTS.priority_step_s + 70 * DEFAULTS.size_step_s  # a Pro task's lead
@@ -177,17 +178,43 @@ def test_a_retried_job_keeps_its_place(dsn: str, conn: psycopg.Connection, clien
     assert (again.task_id, later) == (first, later)
 
 
-def test_the_buffer_gives_out_a_later_claimed_urgent_job_first(dsn: str, client: Client) -> None:
+class Worker:
+    """A worker as the feeder sees it, with `free` slots."""
+
+    slot = 0
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, Job] = {}
+        self.free = 0
+        self.sent: list[Job] = []
+
+    def free_slots(self) -> int:
+        return self.free - len(self.jobs)
+
+    def send_jobs(self, jobs: list[Job]) -> bool:
+        self.sent += jobs
+        self.jobs.update((j.job_id, j) for j in jobs)
+        return True
+
+    def holds_suspect(self) -> bool:
+        return False
+
+
+def test_a_node_hands_a_later_claimed_urgent_job_to_the_next_free_slot(
+    dsn: str, client: Client
+) -> None:
     """A node claimed Pro jobs into its buffer, then a Free task arrived and was claimed: the
-    next free slot gets the Free job, as the database would have ordered them."""
+    next free slots get the Free jobs, as the database would have ordered them."""
     pro = submit(client, "pro", 70)
-    buffer = UrgencyBuffer()
+    worker = Worker()
+    feeder = Feeder(Settings(), dsn, "node-a", lambda: [worker], lambda name, detail: None)
     with sync_queue(dsn) as q:
         for job in q.claim("node-a", 40, 30):
-            buffer.append(job)
+            feeder.buffer.append(job)
         free = submit(client, "free", 2)
         for job in q.claim("node-a", 40, 30):
-            buffer.append(job)
-    handed = [buffer.popleft().task_id for _ in range(len(buffer))]
-    assert handed == [free, free] + [pro] * 70
-    assert not buffer
+            feeder.buffer.append(job)
+    worker.free = 3
+    feeder.dispatch()
+    assert [j.task_id for j in worker.sent] == [free, free, pro]
+    assert [j.idx for j in worker.sent] == [0, 1, 0]
