@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 import pickle
 import struct
 from collections.abc import Callable, Iterator
@@ -140,12 +141,17 @@ COUNTER_FIELDS = {
 
 
 class SharedBlock:
-    """The anonymous shared mapping: create it before forking; children inherit it."""
+    """The shared mapping, in an anonymous memory file (memfd): forked children inherit
+    the mapping, and a process started fresh (the zygote) maps it from the passed fd."""
 
-    def __init__(self, max_workers: int) -> None:
+    def __init__(self, max_workers: int, fd: int | None = None) -> None:
         self.max_workers = max_workers
         self.size = HEADER_BYTES + max_workers * SLOT_DOUBLES * 8
-        self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_SHARED)
+        if fd is None:
+            fd = os.memfd_create("genworker-counters", 0)  # inheritable only on purpose
+            os.ftruncate(fd, self.size)
+        self.fd = fd
+        self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED)
         self._doubles: memoryview[float] = memoryview(self.mm)[HEADER_BYTES:].cast("d")
 
     def bucket_buffer(self) -> memoryview:

@@ -37,7 +37,6 @@ from .http import parse_address
 from .logs import Redactor, dsn_password
 from .ops import Ops
 from .schema import migrate
-from .worker import worker_main
 from .zygote import ZygoteHandle, die_with_parent, start_zygote
 
 log = logging.getLogger("genworker.start")
@@ -134,9 +133,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     os.close(lock_fd)
     bucket = SharedTokenBucket(block.bucket_buffer(), lock_path)
     bucket.set_rate(settings.api_rps)  # the whole rate until the node count is known
-    zygote = start_zygote(
-        settings, functools.partial(worker_main, block=block, bucket_lock=lock_path)
-    )
+    zygote = start_zygote(settings, block, lock_path)
     sim = SimProcess()
     try:
         if not settings.api_url:

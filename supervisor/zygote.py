@@ -1,13 +1,14 @@
-"""The zygote: a small process forked before the supervisor has an event loop,
-threads, a DB pool or an HTTP session, which forks every worker on request.
+"""The zygote: a fork server that forks every worker on request.
 
 Why: forking from a process with a running loop or threads copies their state
-(and any lock a thread held) into the child. The zygote is single-threaded and
-holds nothing but its control socket, so every worker starts clean.
+(and any lock a thread held) into the child. The zygote is a fresh interpreter
+(started with exec, not forked from the supervisor), single-threaded, holding
+nothing but its control socket and the shared block, and it imports only what a
+worker needs, so every worker starts clean and small.
 
 Protocol on the control socket (SOCK_SEQPACKET, one pickle per packet):
-  supervisor -> zygote  ("spawn", slot, generation, position) + the worker's channel fd
-                        ("settings", Settings)   used for the next spawns (HUP)
+  supervisor -> zygote  ("settings", Settings)   first, and again on HUP
+                        ("spawn", slot, generation, position) + the worker's channel fd
   zygote -> supervisor  ("spawned", slot, generation, pid)
                         ("exited", pid, wait_status)
 The zygote is the workers' parent, so it reaps them and reports how they died.
@@ -16,20 +17,25 @@ When the supervisor goes away (EOF), it stops every worker and exits.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import pickle
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
+from .channels import SharedBlock
 from .config import Settings
 
 PR_SET_PDEATHSIG = 1
@@ -47,8 +53,9 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 class ZygoteHandle:
     """The supervisor's side of the zygote."""
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid = pid
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc  # kept, so subprocess never reaps it behind our back
+        self.pid = proc.pid
         self.sock = sock
 
     def spawn(self, slot: int, generation: int, channel_fd: int, position: int) -> None:
@@ -62,20 +69,51 @@ class ZygoteHandle:
         self.sock.close()
 
 
-def start_zygote(settings: Settings, worker_main: WorkerMain) -> ZygoteHandle:
-    """Fork the zygote. Call before creating any loop, thread, pool or session."""
+def start_zygote(settings: Settings, block: SharedBlock, bucket_lock: str | None) -> ZygoteHandle:
+    """Start the zygote as a fresh interpreter. Call before creating any loop, thread,
+    pool or session (the exec leaves them behind anyway; the ordering keeps fds few)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    parent_pid = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        parent_sock.close()
-        code = 1
-        try:
-            code = Zygote(child_sock, settings, worker_main, parent_pid).run()
-        finally:
-            os._exit(code)
+    cmd = [
+        sys.executable, "-m", "supervisor.zygote",
+        "--control-fd", str(child_sock.fileno()), "--block-fd", str(block.fd),
+        "--slots", str(block.max_workers), "--bucket-lock", bucket_lock or "",
+        "--parent", str(os.getpid()),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, pass_fds=(child_sock.fileno(), block.fd), stdin=subprocess.DEVNULL, close_fds=True
+    )
     child_sock.close()
-    return ZygoteHandle(pid, parent_sock)
+    handle = ZygoteHandle(proc, parent_sock)
+    handle.send_settings(settings)  # secrets travel here, never on a command line
+    return handle
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The zygote process: `python -m supervisor.zygote` (started by start_zygote only)."""
+    setproctitle("genworker: zygote")
+    p = argparse.ArgumentParser(prog="genworker zygote")
+    for flag in ("--control-fd", "--block-fd", "--slots", "--parent"):
+        p.add_argument(flag, type=int, required=True)
+    p.add_argument("--bucket-lock", default="")
+    args = p.parse_args(argv)
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != args.parent:
+        return 1  # the supervisor died before PDEATHSIG was armed: it will never fire
+    sock = socket.socket(fileno=args.control_fd)
+    block = SharedBlock(args.slots, fd=args.block_fd)
+    first: tuple[Any, ...] = pickle.loads(sock.recv(1 << 20) or pickle.dumps(("eof",)))
+    if first[0] != "settings":
+        return 1
+    # What every worker needs, imported once here: workers share these pages and boot fast.
+    import aiohttp  # noqa: F401
+    import uvloop  # noqa: F401
+
+    from . import handlers  # noqa: F401
+    from .api import limiter, openai  # noqa: F401
+    from .worker import worker_main
+
+    run = functools.partial(worker_main, block=block, bucket_lock=args.bucket_lock or None)
+    return Zygote(sock, first[1], run, args.parent).run()
 
 
 class Zygote:
@@ -90,10 +128,6 @@ class Zygote:
         self.sigchld_r, self.sigchld_w = os.pipe()
 
     def run(self) -> int:
-        setproctitle("genworker: zygote")
-        die_with_parent(signal.SIGKILL)
-        if os.getppid() != self.parent_pid:
-            return 1  # the supervisor died before PDEATHSIG was armed: it will never fire
         # The supervisor decides when everyone stops; Ctrl-C reaches the whole group.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -204,3 +238,7 @@ def describe_exit(status: int) -> tuple[str, int | None, int | None]:
         return f"killed by {name}{hint}", None, sig
     code = os.waitstatus_to_exitcode(status)
     return f"exited with code {code}", code, None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
