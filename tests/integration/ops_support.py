@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -180,3 +181,4 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         with contextlib.suppress(subprocess.CalledProcessError):
             pg.start()  # running again, so the wheel's cleanup can stop and delete it
         server._cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
