@@ -144,6 +144,9 @@ def _kv(value: Any) -> str:
     return text
 
 
+_LINE_BREAK = re.compile(r"\s*\n\s*")
+
+
 class HumanFormatter(logging.Formatter):
     """`2026-11-27T18:00:00.123Z INFO genworker.arbiter: message key=value`; a traceback
     follows on indented lines."""
@@ -153,7 +156,9 @@ class HumanFormatter(logging.Formatter):
         self.redactor = redactor
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        # one line per event: a message's own line breaks (libpq's hints) become spaces
+        message = _LINE_BREAK.sub(" ", record.getMessage())
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {message}"
         extras = " ".join(f"{k}={_kv(v)}" for k, v in extra_fields(record).items())
         if extras:
             line += " " + extras
@@ -249,6 +254,10 @@ def setup_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # The pool warns at every reconnection attempt while the database is away (several a
+    # second); the supervisor says "database unreachable" once instead.
+    debug = root.level <= logging.DEBUG
+    logging.getLogger("psycopg.pool").setLevel(logging.WARNING if debug else logging.ERROR)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
     return redactor

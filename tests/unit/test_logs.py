@@ -187,3 +187,30 @@ def test_the_password_is_found_in_either_dsn_form() -> None:
     assert dsn_password("postgresql://u:pw-x@127.0.0.1/caf\udce9") == "pw-x"
     assert dsn_password("postgresql://u:pw-x@[::1") is None
     assert dsn_password("not a dsn = = '") is None
+
+
+def test_a_message_with_line_breaks_is_still_one_human_line(capture: io.StringIO) -> None:
+    setup(capture, "info", "human", [])
+    logging.getLogger("genworker.feeder").warning(
+        "error connecting: connection failed: no such file\n\tIs the server running?"
+    )
+    lines = capture.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("connection failed: no such file Is the server running?")
+
+
+def test_the_pools_retry_warnings_show_at_debug_only(capture: io.StringIO) -> None:
+    pool = logging.getLogger("psycopg.pool")
+    saved = pool.level
+    try:
+        setup(capture, "info", "human", [])
+        pool.warning("error connecting in 'pool-1': attempt 7")
+        pool.error("the pool is closed")
+        setup(capture, "debug", "human", [])
+        pool.warning("error connecting in 'pool-1': attempt 8")
+    finally:
+        pool.setLevel(saved)
+    out = capture.getvalue()
+    assert "attempt 7" not in out  # the feeder says "database unreachable" once instead
+    assert "the pool is closed" in out
+    assert "attempt 8" in out
