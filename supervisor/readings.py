@@ -34,6 +34,7 @@ FIGURES_S = 5.0  # the database figures are this fresh at best
 FIGURES_TIMEOUT_S = 2.0  # a figure query waits at most this long for a connection
 FINISHED_OVERLAP_S = 10.0  # re-read this far back: a task's finished_at is its transaction's start
 FINISHED_BATCH = 1000
+FINISHED_PAGES = 10
 
 # API outcomes that say the provider is struggling (the error-rate alarm); a 400 is the
 # prompt's fault and a 401 has its own alarm, so plain 4xx count as calls, not errors.
@@ -82,17 +83,20 @@ class DbFigures:
                 now_row = await (await conn.execute(ops_query("db_now"))).fetchone()
                 assert now_row is not None
                 self.since = now_row[0]
-            finished = await (
-                await conn.execute(
-                    ops_query("finished_tasks"),
-                    {"since": self.since - timedelta(seconds=FINISHED_OVERLAP_S),
-                     "limit": FINISHED_BATCH},
-                )
-            ).fetchall()  # fmt: skip
+            for _ in range(FINISHED_PAGES):  # the rest, if any, at the next refresh
+                params = {
+                    "since": self.since - timedelta(seconds=FINISHED_OVERLAP_S),
+                    "seen": list(self.seen),
+                    "limit": FINISHED_BATCH,
+                }
+                cur = await conn.execute(ops_query("finished_tasks"), params)
+                finished = await cur.fetchall()
+                self._take_finished(finished)
+                if len(finished) < FINISHED_BATCH:
+                    break
         self.jobs = {(plan, state): int(n) for plan, state, n in jobs}
         self.tasks = {state: int(n) for state, n in tasks}
         self.oldest_runnable_s = max(0.0, float(row[0])) if row and row[0] is not None else 0.0
-        self._take_finished(finished)
         self.at = time.monotonic()
 
     def _take_finished(self, rows: Iterable[tuple[int, str, float, datetime]]) -> None:
