@@ -3,7 +3,7 @@
 -- in flight across the cluster. See "Scheduling" in bench/README.md for the why and the figures.
 
 -- seconds of waiting one image of a task's size is worth (shortest task first; see urgency)
-INSERT INTO genworker.settings (key, value) VALUES ('size_step_s', '1'), ('tenant_cap', '0')
+INSERT INTO genworker.settings (key, value) VALUES ('size_step_s', '10'), ('tenant_cap', '0')
 ON CONFLICT (key) DO NOTHING;
 
 -- A tenant's jobs of this plan in flight at once, cluster-wide: NULL takes the tenant_cap
@@ -32,7 +32,7 @@ RETURNS double precision LANGUAGE sql STABLE AS $$
          + p_priority * coalesce((SELECT value::text::float8 FROM genworker.settings
                                   WHERE key = 'priority_step_s'), 600)
          + p_n * coalesce((SELECT value::text::float8 FROM genworker.settings
-                           WHERE key = 'size_step_s'), 1)
+                           WHERE key = 'size_step_s'), 10)
 $$;
 
 -- Whether any tenant cap is set: without one the claim skips all cap bookkeeping.
