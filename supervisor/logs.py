@@ -22,8 +22,8 @@ import time
 import traceback
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Literal, TextIO
-from urllib.parse import quote, quote_plus, urlsplit
+from typing import Any, Literal, Protocol, TextIO
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 MASK = "***"
 
@@ -91,7 +91,47 @@ def dsn_password(dsn: str | None) -> str | None:
             password = urlsplit(dsn).password
         except ValueError:
             return None
+        password = None if password is None else unquote(password)
     return str(password) if password else None
+
+
+def _light_password(dsn: str | None) -> str | None:
+    """dsn_password without importing psycopg (for the zygote, which keeps it out of the
+    workers): a URL's password, or password=... of the key=value form."""
+    if not dsn:
+        return None
+    try:
+        password = urlsplit(dsn).password if "://" in dsn else None
+    except ValueError:
+        password = None
+    if password is not None:
+        password = unquote(password)  # as libpq reads a URI
+    if password is None:
+        m = re.search(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
+        password = m[1].strip("'") if m else None
+    return password or None
+
+
+class NodeSettings(Protocol):
+    @property
+    def log_level(self) -> str: ...
+    @property
+    def log_format(self) -> str: ...
+    @property
+    def database_url(self) -> str | None: ...
+    def resolved_api_key(self) -> str | None: ...
+
+
+def setup_node_logging(settings: NodeSettings, *, stream: TextIO | None = None) -> Redactor:
+    """setup_logging as the settings say, hiding their API key and DB password: for the
+    processes of a node that get their settings over a socket (the zygote, its workers)."""
+    try:
+        key = settings.resolved_api_key()
+    except ValueError:  # an unreadable key file: the supervisor has said so already
+        key = None
+    fmt: Literal["human", "json"] = "json" if settings.log_format == "json" else "human"
+    secrets = [key, _light_password(settings.database_url)]
+    return setup_logging(settings.log_level, fmt, secrets, stream=stream)
 
 
 _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {

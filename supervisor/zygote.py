@@ -37,6 +37,7 @@ from setproctitle import setproctitle
 
 from .channels import SharedBlock
 from .config import Settings
+from .logs import setup_node_logging
 
 PR_SET_PDEATHSIG = 1
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     first: tuple[Any, ...] = pickle.loads(sock.recv(1 << 20) or pickle.dumps(("eof",)))
     if first[0] != "settings":
         return 1
+    setup_node_logging(first[1])  # the node's format and level, its secrets hidden
     # What every worker needs, imported once here: workers share these pages and boot fast.
     import aiohttp  # noqa: F401
     import uvloop  # noqa: F401
@@ -159,6 +161,7 @@ class Zygote:
         msg: tuple[Any, ...] = pickle.loads(data)
         if msg[0] == "settings":
             self.settings = msg[1]
+            setup_node_logging(self.settings)  # a new key file after a HUP: hide it too
         elif msg[0] == "spawn" and fds:
             self.spawn(msg[1], msg[2], fds[0], msg[3])
         for fd in fds[1:]:

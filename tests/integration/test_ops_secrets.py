@@ -72,14 +72,19 @@ def test_neither_secret_shows_anywhere(launch: Launcher, secret_dsn: str) -> Non
     )  # fmt: skip
     common = ("--api-key", KEY, "--http", "127.0.0.1:0", "--log-level", "debug")
     common += ("--retry-base", "0.05", "--max-attempts", "2")
-    human = launch.node(sim, "test-secret-h", *common, dsn=secret_dsn, workers=2)
-    as_json = launch.node(sim, "test-secret-j", *common, "--log-format", "json", dsn=secret_dsn)
+    common += ("--handler", "chatty=ops_handlers:chatty")  # a worker logs the key
+    env = {"GW_TEST_SECRET": KEY}
+    human = launch.node(sim, "test-secret-h", *common, dsn=secret_dsn, workers=2, env=env)
+    as_json = launch.node(
+        sim, "test-secret-j", *common, "--log-format", "json", dsn=secret_dsn, env=env
+    )
     addresses = [http_address(human), http_address(as_json)]
     human.wait_workers(2)
     as_json.wait_workers(2)
 
     with Client(secret_dsn) as client:
         client.submit_many([{"plan": "start", "params": {"prompt": f"s{i}"}} for i in range(4)])
+        client.submit_many([{"plan": "free", "params": {}, "kind": "chatty"} for _ in range(6)])
     with psycopg.connect(secret_dsn, autocommit=True) as conn:
         seen_titles: set[str] = set()
 
@@ -94,10 +99,10 @@ def test_neither_secret_shows_anywhere(launch: Launcher, secret_dsn: str) -> Non
             done = conn.execute(
                 "SELECT count(*) FROM genworker.jobs WHERE finished_at IS NOT NULL"
             ).fetchone()
-            return bool(done and done[0] == 120)
+            return bool(done and done[0] == 132)
 
         wait_for(sample, "the run to finish while sampled", 120, every_s=0.3)
-        wait_all_finished(conn, 120)
+        wait_all_finished(conn, 132)
         assert any("worker" in t for t in seen_titles)
         for title in seen_titles:
             assert_clean(f"the title {title!r}", title)
@@ -110,6 +115,13 @@ def test_neither_secret_shows_anywhere(launch: Launcher, secret_dsn: str) -> Non
             assert_clean("a stored error", error)
         for (info,) in conn.execute("SELECT info::text FROM genworker.nodes").fetchall():
             assert_clean("the node info", info)
+        ran = dict(
+            conn.execute(
+                "SELECT lease_owner, count(*) FROM genworker.jobs WHERE kind = 'chatty' "
+                "GROUP BY lease_owner"
+            ).fetchall()
+        )
+    assert sum(ran.values()) == 12
 
     status = cli("status", "--json", dsn=secret_dsn)
     assert status.returncode == 0, status.stderr
@@ -123,9 +135,16 @@ def test_neither_secret_shows_anywhere(launch: Launcher, secret_dsn: str) -> Non
         node.signal(15)
         assert node.wait(30) == 0
     assert "DEBUG genworker.arbiter: job " in human.log()  # job-level lines were on
+    # the workers' own lines: formatted, one line each, the key masked
+    workers_said = [ln for ln in human.log().splitlines() if "says the key is ***" in ln]
+    assert len(workers_said) == ran.get("test-secret-h", 0)
+    assert all("WARNING genworker.test_handler: job " in ln for ln in workers_said)
     for line in as_json.log().splitlines():
         doc = json.loads(line)  # one JSON document per line, every line
         assert {"ts", "level", "logger", "msg"} <= doc.keys(), line
+    chatty = [json.loads(ln) for ln in as_json.log().splitlines() if "test_handler" in ln]
+    assert len(chatty) == ran.get("test-secret-j", 0)
+    assert all(d["msg"].endswith("says the key is ***") for d in chatty), chatty
     assert any(json.loads(ln)["level"] == "DEBUG" for ln in as_json.log().splitlines())
     assert_clean("the human log", human.log())
     assert_clean("the JSON log", as_json.log())

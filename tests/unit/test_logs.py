@@ -214,3 +214,27 @@ def test_the_pools_retry_warnings_show_at_debug_only(capture: io.StringIO) -> No
     assert "attempt 7" not in out  # the feeder says "database unreachable" once instead
     assert "the pool is closed" in out
     assert "attempt 8" in out
+
+
+def test_a_node_process_set_up_from_its_settings_hides_its_secrets(capture: io.StringIO) -> None:
+    from supervisor.config import Settings
+    from supervisor.logs import setup_node_logging
+
+    settings = Settings(api_key=API_KEY, database_url=DSN, log_format="json", log_level="debug")
+    setup_node_logging(settings, stream=capture)
+    for h in logging.getLogger().handlers[:]:
+        if h.get_name() != "genworker":
+            logging.getLogger().removeHandler(h)
+    logging.getLogger("genworker.worker").debug("key %s, password %s", API_KEY, DB_PASSWORD)
+    (line,) = capture.getvalue().splitlines()
+    assert json.loads(line)["msg"] == "key ***, password ***"
+
+
+def test_the_light_password_parse_needs_no_psycopg() -> None:
+    from supervisor.logs import _light_password
+
+    assert _light_password(DSN) == DB_PASSWORD
+    assert _light_password("host=db password='a b' user=gw") == "a b"
+    assert _light_password("host=db password=xyz") == "xyz"
+    assert _light_password("postgresql://gw@db/gw") is None
+    assert _light_password(None) is None
