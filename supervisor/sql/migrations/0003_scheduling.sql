@@ -147,7 +147,8 @@ $$;
 -- makes the counts exact.
 CREATE FUNCTION genworker.pick_capped(p_n integer, OUT o_ids bigint[], OUT o_lanes integer[],
                                       OUT l_tenant text[], OUT l_plan text[], OUT l_cap integer[])
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_default integer := genworker.setting_int('tenant_cap', 0);
     v_plans   text[];
@@ -219,7 +220,8 @@ $$;
 -- only lower the count), and the count is of the jobs themselves, so it cannot drift.
 CREATE FUNCTION genworker.trim_to_caps(p_ids bigint[], p_lanes integer[], p_tenant text[],
                                        p_plan text[], p_cap integer[])
-RETURNS bigint[] LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
+RETURNS bigint[] LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_key   bigint;
     v_allow integer[];
@@ -256,7 +258,8 @@ DROP FUNCTION genworker.claim_jobs(text, integer, double precision);
 CREATE FUNCTION genworker.claim_jobs(p_node text, p_n integer, p_lease_s double precision)
 RETURNS TABLE (job_id bigint, token bigint, task_id bigint, idx integer, kind text,
                attempt integer, params jsonb, deaths integer, urgency double precision)
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_ids  bigint[];
     v_pick record;
