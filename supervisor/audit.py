@@ -38,8 +38,9 @@ class Faults:
     supervisor_kills: int = 0
     supervisor_restarts: int = 0
     db_restarts: int = 0
-    # jobs a supervisor held (running under its lease) when it was killed: a restart
-    # under the same node id gives them back without counting a death
+    # jobs a supervisor held (running under its lease) when it was killed, or when it
+    # stopped unable to write their outcomes: whether they come back through its restart
+    # under the same node id or through their leases, no death is counted for them
     held_at_node_kills: set[int] = field(default_factory=set)
     recovery_s: dict[str, float] = field(default_factory=dict)  # event -> seconds to recover
 

@@ -191,13 +191,15 @@ class ChaosRun:
         self.log.append(f"supervisor killed at {finished} finished, holding {len(held)} jobs")
         self.node = self._start_node()
         self.faults.supervisor_restarts += 1
-        back = None
+        resumed = False
         while True:
             now = self.progress.read()
-            if now is not None and back is None and now[1] > finished:
-                back = time.monotonic() - killed_at
-                self.faults.recovery_s["supervisor kill: work resumed"] = back
-            if not (self.progress.held_by(old.node_id) if now is not None else held):
+            if now is not None and not resumed and now[1] > finished:
+                resumed = True
+                self.faults.recovery_s["supervisor kill: work resumed"] = (
+                    time.monotonic() - killed_at
+                )
+            if now is not None and not self.progress.held_by(old.node_id):
                 self.faults.recovery_s["supervisor kill: its jobs released"] = (
                     time.monotonic() - killed_at
                 )
