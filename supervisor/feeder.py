@@ -430,6 +430,11 @@ class Feeder:
                 await self._retry_pause(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except asyncio.CancelledError:
+                # A stop gave up waiting for this write: the batch is still unwritten, so
+                # its jobs ran; the shutdown must see them pending and not give them back.
+                self.pending[:0] = batch
+                raise
             backoff = 0.1
             self._db_back()
             self._count(done.applied.values(), len(done.stale))

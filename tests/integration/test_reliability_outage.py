@@ -7,6 +7,7 @@ error; a stop during an outage ends in bounded time, and nothing it held is lost
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import time
@@ -183,3 +184,33 @@ def test_a_stop_during_an_outage_ends_in_bounded_time_and_loses_nothing(
     faults = Faults(supervisor_restarts=1, db_restarts=1, held_at_node_kills=held_ids)
     report = audit(dsn, sim.stats(), submitted=20, faults=faults)
     assert report.ok, report.summary()
+
+
+def test_a_write_cut_short_by_the_stop_keeps_its_outcomes_pending() -> None:
+    """The stop cancels a write that hangs (the database is away or slow); the batch it
+    held must stay pending, or the shutdown would give back jobs that already ran (their
+    outcomes lost, their API calls made again)."""
+    from supervisor.config import Settings
+    from supervisor.feeder import Feeder
+    from supervisor.model import Outcome, OutcomeKind
+
+    async def scenario() -> list[tuple[Outcome, int]]:
+        feeder = Feeder(Settings(), "postgresql://nowhere.invalid/x", "n", list, print)
+        written = asyncio.Event()
+
+        async def hanging_write(outcomes: object) -> None:
+            written.set()
+            await asyncio.sleep(3600)
+
+        feeder.queue.complete = hanging_write  # type: ignore[method-assign]
+        outcomes = [(Outcome(i, 1, OutcomeKind.OK, {}), 1) for i in range(3)]
+        stop = asyncio.Event()
+        writer = asyncio.create_task(feeder.write_loop(stop))
+        feeder._add_pending(outcomes)
+        stop.set()
+        await asyncio.wait_for(written.wait(), 5)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        return feeder.pending
+
+    assert asyncio.run(scenario()) == [(Outcome(i, 1, OutcomeKind.OK, {}), 1) for i in range(3)]
