@@ -285,3 +285,31 @@ def _check_calls(
             problems.append(
                 f"{report.fault_answers} calls failed but the API injected only {injected} faults"
             )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m supervisor.audit [DSN] [--sim URL] [--submitted N]`: audit a finished run,
+    print the totals, exit 0 when every invariant holds and 1 otherwise."""
+    import argparse
+    import json
+    import os
+    import urllib.request
+
+    p = argparse.ArgumentParser(prog="python -m supervisor.audit", description=main.__doc__)
+    p.add_argument("dsn", nargs="?", default=os.environ.get("DATABASE_URL"), help="$DATABASE_URL")
+    p.add_argument("--sim", metavar="URL", help="the simulated API the workers called")
+    p.add_argument("--submitted", type=int, help="jobs the run submitted")
+    args = p.parse_args(argv)
+    if not args.dsn:
+        p.error("no DSN: give one or set DATABASE_URL")
+    stats = None
+    if args.sim:
+        with urllib.request.urlopen(f"{args.sim.rstrip('/')}/stats", timeout=30) as r:
+            stats = json.load(r)
+    report = audit(args.dsn, stats, submitted=args.submitted)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

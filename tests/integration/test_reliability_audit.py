@@ -5,6 +5,8 @@ completing claim produced, an image that no kill explains)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import psycopg
@@ -166,3 +168,16 @@ def test_failed_calls_must_be_faults_the_api_injected(
     stats = sim_stats({k: 1 for k in finished}, {k: 1 for k in finished[1:]})
     stats["by_fault"] = {}
     assert "1 calls failed but the API injected only 0 faults" in problems_of(audit(dsn, stats))
+
+
+def test_the_audit_runs_from_the_command_line_and_exits_1_on_a_problem(
+    dsn: str, conn: psycopg.Connection, finished: list[tuple[int, int]]
+) -> None:
+    run = [sys.executable, "-m", "supervisor.audit", dsn, "--submitted"]
+    ok = subprocess.run([*run, "3"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("audit: OK")
+    assert "jobs 3 in 2 tasks: 3 succeeded" in ok.stdout
+    lost = subprocess.run([*run, "4"], capture_output=True, text=True, timeout=60)
+    assert lost.returncode == 1
+    assert "PROBLEM: lost: 3 jobs in the database, 4 submitted" in lost.stdout
