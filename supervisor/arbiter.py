@@ -101,7 +101,6 @@ class Arbiter:
         self.started_at = time.monotonic()
         # a rejected API key pauses claims this long, then one job probes it
         self.key_pause_s = parse_limits(settings.alarms).bad_api_key_pause_s
-        self.probe_timer: asyncio.TimerHandle | None = None
         self.monitored_at = time.monotonic()  # the monitor's last round (the watchdog's health)
 
     # ================================================================= run
@@ -444,25 +443,12 @@ class Arbiter:
         pause claims, and let the alarms say so (one line when it starts)."""
         if name in ("bad_api_key", "insufficient_quota"):
             self.feeder.pause_claims(self.key_pause_s)
-            if self.probe_timer is not None:
-                self.probe_timer.cancel()
-            self.probe_timer = asyncio.get_running_loop().call_later(
-                self.key_pause_s + 0.05, self._probe_after_pause
-            )
         if self.hooks is not None:
             self.hooks.alarm(name, detail)
             return
         if name not in self.alarms:
             log.error("API says %s (%s): pausing claims", name.replace("_", " "), detail[:200])
         self.alarms[name] = detail[:200]
-
-    def _probe_after_pause(self) -> None:
-        """The pause is over: hand out one buffered job (the feeder dispatches only on
-        events: with the buffer full and the workers idle, none would come)."""
-        self.probe_timer = None
-        if time.monotonic() >= self.feeder.paused_until and not self.stopping:
-            self.feeder.dispatch()
-            self.feeder.wake.set()
 
     def active_alarms(self) -> dict[str, str]:
         return self.hooks.active_alarms() if self.hooks is not None else dict(self.alarms)
@@ -546,8 +532,6 @@ class Arbiter:
         if time.monotonic() < self.feeder.paused_until:
             # paused for a bad key, which the reload may have fixed: probe it now
             self.feeder.pause_claims(0.0)
-            self.feeder.dispatch()  # the probe: one buffered job
-            self.feeder.wake.set()
         if self.hooks is not None:
             self.hooks.reloaded()
 

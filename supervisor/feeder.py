@@ -140,6 +140,7 @@ class Feeder:
         self.claiming = True
         self.queue_empty = False
         self.paused_until = 0.0  # claims paused (bad API key) until this monotonic time
+        self._resume: asyncio.TimerHandle | None = None
         self.probe = False  # after a pause, one job at a time until one succeeds
         self.db_ok = False
         self.db_error: str | None = None
@@ -400,8 +401,21 @@ class Feeder:
             self.write_wake.set()  # wake an idle writer, or cut its gathering short
 
     def pause_claims(self, seconds: float) -> None:
+        """Stop claiming and dispatching for `seconds` (a rejected API key), then hand out
+        one job as a probe; 0 ends a pause now (a reload may have fixed the key)."""
         self.paused_until = time.monotonic() + seconds
         self.probe = True
+        if self._resume is not None:
+            self._resume.cancel()
+        # dispatch runs on events only: with the buffer full and the workers idle, none
+        # would come when the pause ends, so one is scheduled
+        self._resume = asyncio.get_running_loop().call_later(max(0.0, seconds), self._resume_now)
+
+    def _resume_now(self) -> None:
+        self._resume = None
+        if self.claiming:
+            self.dispatch()
+            self.wake.set()
 
     async def write_loop(self, stop: asyncio.Event) -> None:
         """Write outcomes in batches: as soon as WRITE_ENOUGH are waiting, else once the
