@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import DatabaseError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("genworker.embedded")
 
 _dsn_by_dir: dict[Path, str] = {}
 

@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from . import sql
 from .model import Job, Outcome, OutcomeKind
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("genworker.queue")
 
 NOTIFY_CHANNEL = "genworker_jobs"
 

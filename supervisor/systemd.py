@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("genworker.systemd")
 
 # A datagram to a local socket only blocks when systemd's receive queue is full;
 # bound that so a wedged manager cannot stall the supervisor loop for long.

@@ -18,13 +18,13 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
 from . import channels as ch
+from .buffer import UrgencyBuffer
 from .config import Settings
 from .model import Job, JobError, Outcome, OutcomeKind
 
@@ -71,7 +71,7 @@ def worker_main(
         worker = Worker(slot, generation, sock, settings, block, bucket_lock, number)
         code = uvloop.run(worker.run())
     except BootError as e:
-        sys.stderr.write(f"genworker: worker {number} cannot start: {e}\n")
+        log.error("worker %s cannot start: %s", number, e)  # through the node's redacting log
         code = EXIT_BOOT
     except BaseException as e:  # the process is about to end; say why, once
         log.error("worker %s crashed: %s: %s", number, type(e).__name__, e)
@@ -104,7 +104,9 @@ class Worker:
         self.slot[ch.STARTED] = self.slot[ch.HEARTBEAT] = time.monotonic()
         self.block = block
         self.bucket_lock = bucket_lock
-        self.waiting: deque[Job] = deque()
+        # Jobs handed over while every slot is busy (quick calls get one queued behind each
+        # slot), most urgent first: a Free job sent after Pro jobs starts before them.
+        self.waiting = UrgencyBuffer()
         self.running = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.outbox: list[Outcome] = []
