@@ -1,9 +1,10 @@
-"""The supervisor's buffer of claimed jobs, handed out most urgent first.
+"""Buffers of claimed jobs, handed out most urgent first: the supervisor's, and a worker's
+queue behind its busy slots.
 
 Claims arrive in batches; a Free job claimed after a batch of Pro jobs must still go to the
-next free slot before them, as it would have in the database. So the buffer is a heap on
-the claim's order key (urgency, then task, then job: the runnable index's order), not a
-FIFO of claims. It offers the few deque methods the feeder uses.
+next free slot before them, as it would have in the database. So a buffer is a heap on the
+claim's order key (urgency, then task, then job: the runnable index's order), not a FIFO of
+claims. It offers the few deque methods its users call.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ class UrgencyBuffer:
     def append(self, job: Job) -> None:
         heapq.heappush(self._heap, (job.urgency, job.task_id, job.job_id, job))
 
-    def extendleft(self, jobs: Iterable[Job]) -> None:
-        """Put jobs back (a refused hand-over, a twin's result): a job's place is its key."""
+    def extend(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
             self.append(job)
+
+    def extendleft(self, jobs: Iterable[Job]) -> None:
+        """Put jobs back (a refused hand-over, a twin's result): a job's place is its key."""
+        self.extend(jobs)
 
     def popleft(self) -> Job:
         return heapq.heappop(self._heap)[3]

@@ -3,17 +3,23 @@ wait; the knobs come from the settings; a node's buffer hands jobs out in the sa
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
 import pytest
 from queue_support import sync_queue
 
+from supervisor import channels as ch
 from supervisor import schema
+from supervisor.api.limiter import Aimd
 from supervisor.client import Client
 from supervisor.config import Plan, Settings
 from supervisor.feeder import Feeder
 from supervisor.model import Job
+from supervisor.worker import Worker
 
 DEFAULTS = Settings()
 PRO_OFFSET_S = 2 * DEFAULTS.priority_step_s + 70 * DEFAULTS.size_step_s  # a Pro task's lead
@@ -178,7 +184,7 @@ def test_a_retried_job_keeps_its_place(dsn: str, conn: psycopg.Connection, clien
     assert (again.task_id, later) == (first, later)
 
 
-class Worker:
+class Holder:
     """A worker as the feeder sees it, with `free` slots."""
 
     slot = 0
@@ -206,7 +212,7 @@ def test_a_node_hands_a_later_claimed_urgent_job_to_the_next_free_slot(
     """A node claimed Pro jobs into its buffer, then a Free task arrived and was claimed: the
     next free slots get the Free jobs, as the database would have ordered them."""
     pro = submit(client, "pro", 70)
-    worker = Worker()
+    worker = Holder()
     feeder = Feeder(Settings(), dsn, "node-a", lambda: [worker], lambda name, detail: None)
     with sync_queue(dsn) as q:
         for job in q.claim("node-a", 40, 30):
@@ -218,3 +224,36 @@ def test_a_node_hands_a_later_claimed_urgent_job_to_the_next_free_slot(
     feeder.dispatch()
     assert [j.task_id for j in worker.sent] == [free, free, pro]
     assert [j.idx for j in worker.sent] == [0, 1, 0]
+
+
+def test_a_worker_starts_the_most_urgent_of_its_waiting_jobs_first() -> None:
+    """Quick calls get a job queued behind each busy slot of a worker; a slot that frees up
+    takes the most urgent waiting job, not the one sent first."""
+    started: list[str] = []
+
+    async def call(job: Job, session: Any) -> dict[str, Any]:
+        started.append(job.params["plan"])
+        await asyncio.sleep(0.01)
+        return {}
+
+    async def scenario() -> None:
+        mine, theirs = socket.socketpair()
+        with mine, theirs:
+            worker = Worker(0, 1, mine, Settings(concurrency=1), ch.SharedBlock(1), None)
+            worker.aimd, worker.bucket, worker.handlers = Aimd(1), None, {"image": call}
+            worker.session = None  # type: ignore[assignment]  # the handler above needs none
+            worker.chan = SimpleNamespace(closed=False, send=lambda message: None)  # type: ignore[assignment]
+
+            def job(i: int, plan: str, urgency: float) -> Job:
+                return Job(i, 1, i, 0, "image", {"plan": plan}, 1, 0, urgency)
+
+            worker.on_message((ch.JOBS, [job(1, "pro", 2000.0)]))  # takes the only slot
+            worker.on_message((ch.JOBS, [job(2, "pro", 2000.0), job(3, "start", 900.0)]))
+            worker.on_message((ch.JOBS, [job(4, "free", 20.0)]))  # sent last
+            for _ in range(100):
+                if worker.running == 0 and not worker.waiting:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert started == ["pro", "free", "start", "pro"]
