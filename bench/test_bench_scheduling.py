@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -446,3 +447,71 @@ def test_claim_latency(
     latency = data.get("claim_latency_batch_100", {})
     latency[scenario] = timing
     write_result("claim_latency_batch_100", latency)
+
+
+# ------------------------------------------------------------------ the order, modelled
+
+MODEL_LOADS, MODEL_SEEDS, MODEL_TASKS = (0.9, 0.95, 1.05), (1, 2, 3), 3000
+SIZE_STEPS_IN_SLOT_TIMES = (1, 4, 16, 64, 256, 1024)  # size_step_s in units of L / slots
+
+
+def _mixed_sizes(seed: int, load: float) -> list[Arrival]:
+    """Tasks of 1-70 images (uniform) in one plan, Poisson arrivals at `load` x capacity."""
+    rng = random.Random(seed)
+    rate = load * SLOTS / L_S / 35.5
+    out, t = [], 0.0
+    for _ in range(MODEL_TASKS):
+        t += rng.expovariate(rate)
+        out.append(Arrival(t, "pro", rng.randint(1, 70), "model"))
+    return out
+
+
+def _policies(a: list[Arrival]) -> dict[str, Callable[[int, int], tuple[float, ...]]]:
+    """Keys for serve_model: (task, jobs left) -> sort key, smallest served first."""
+    out: dict[str, Callable[[int, int], tuple[float, ...]]] = {
+        "srpt (exact, fewest left)": lambda i, left: (left, a[i].at_s, i),
+        "arrival order": lambda i, left: (a[i].at_s, i),
+        "least attained (per-image key)": lambda i, left: (a[i].n - left, a[i].at_s, i),
+    }
+    for k in SIZE_STEPS_IN_SLOT_TIMES:
+        step = k * L_S / SLOTS
+        out[f"static key, size step {k} x L/slots"] = lambda i, left, s=step: (
+            a[i].at_s + a[i].n * s,
+            i,
+        )
+    return out
+
+
+def test_order_of_service_model(benchmark: Any) -> None:
+    """Why a static key on the task's size: mean and worst completion of tasks of mixed
+    sizes under exact shortest-remaining-first, arrival order, a per-image key that counts
+    down a task (least attained service), and the static key at several size steps."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        for load in MODEL_LOADS:
+            rows: dict[str, list[tuple[float, float]]] = {}
+            for seed in MODEL_SEEDS:
+                a = _mixed_sizes(seed, load)
+                for name, key in _policies(a).items():
+                    c = serve_model(a, SLOTS, L_S, key)
+                    rows.setdefault(name, []).append((statistics.fmean(c), max(c)))
+            srpt_mean = statistics.fmean(m for m, _ in rows["srpt (exact, fewest left)"])
+            result[f"load_{load}"] = {
+                name: {
+                    "mean_over_srpt": round(statistics.fmean(m for m, _ in v) / srpt_mean, 2),
+                    "worst_s": round(statistics.fmean(w for _, w in v), 1),
+                }
+                for name, v in rows.items()
+            }
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    result["setup"] = {
+        "tasks": MODEL_TASKS,
+        "images": "uniform 1-70",
+        "slots": SLOTS,
+        "latency_s": L_S,
+        "seeds": list(MODEL_SEEDS),
+        "model": "bench/scheduling_support.py serve_model: one job per slot, each L long",
+    }
+    write_result("order_model", result)
