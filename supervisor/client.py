@@ -100,6 +100,29 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def _bad_text(text: str) -> bool:
+    """NUL (PostgreSQL text cannot hold it) or a lone surrogate (what Python makes of
+    invalid UTF-8 in argv: it cannot be encoded)."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _any_text(obj: Any, pred: Callable[[str], bool]) -> bool:
+    """Does pred hold for any string (keys included) in this JSON-like value?"""
+    if isinstance(obj, str):
+        return pred(obj)
+    if isinstance(obj, Mapping):
+        return any(pred(k) or _any_text(v, pred) for k, v in obj.items() if isinstance(k, str))
+    if isinstance(obj, (list, tuple)):
+        return any(_any_text(v, pred) for v in obj)
+    return False
+
+
 def submit_params(
     plan: str,
     prompt: str | None = None,
@@ -133,19 +156,19 @@ def submit_params(
             raise InvalidPrompt(f"prompt must be a string, got {type(prompt).__name__}")
         merged["prompt"] = prompt
     try:
-        encoded = json.dumps(merged, allow_nan=False)
+        json.dumps(merged, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise InvalidParams(f"params must be JSON: {e}") from None
-    if "\\u0000" in encoded:
-        raise InvalidParams("params may not contain NUL bytes")
+    if _any_text(merged, _bad_text):
+        raise InvalidParams("params may not contain NUL bytes or text that is not valid UTF-8")
     for name, value in (
         ("plan", plan),
         ("tenant", tenant),
         ("kind", kind),
         ("idempotency_key", idempotency_key or ""),
     ):
-        if "\x00" in value:
-            raise InvalidParams(f"{name} may not contain NUL bytes")
+        if _bad_text(value):
+            raise InvalidParams(f"{name} may not contain NUL bytes or text that is not valid UTF-8")
     return {
         "plan": plan,
         "params": Jsonb(merged),

@@ -369,6 +369,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             return parse_plans(str(raw))
         if name == "handlers":
             items = raw if isinstance(raw, list) else str(raw).split(",")
+            if not all(isinstance(s, str) for s in items):
+                raise ConfigError(f"{where}: expected kind=pkg.module:func strings, got {raw!r}")
             return tuple(s.strip() for s in items if s.strip())
         if raw is None or (isinstance(raw, str) and raw == "" and "None" in typ):
             return None
@@ -395,7 +397,9 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             value = Path(str(raw)).expanduser()
         else:
             value = str(raw)
-    except (TypeError, ValueError, KeyError):
+    except ConfigError:
+        raise  # already says what is wrong (a bad plan, say)
+    except (TypeError, ValueError, KeyError, AttributeError):
         kind = typ.split(" ")[0].split("|")[0]
         raise ConfigError(f"{where}: expected {kind}, got {raw!r}") from None
     lo, hi, choices = f.metadata["lo"], f.metadata["hi"], f.metadata["choices"]
@@ -422,6 +426,8 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not valid UTF-8") from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise ConfigError(f"config file {path} is not valid TOML: nested too deeply") from None
     unknown = sorted(set(data) - set(FIELDS) - {"config_file"})
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
@@ -468,14 +474,34 @@ def build(
     return settings, sources
 
 
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def check_dsn(dsn: str) -> None:
-    """Reject a DSN psycopg cannot parse, with a message that never echoes the password."""
+    """Reject a DSN libpq would refuse (or misread) at connect time, before anything starts:
+    a typo in DATABASE_URL is a usage error (exit 2), not a node that restarts forever.
+    The message never echoes the password."""
     from psycopg.conninfo import conninfo_to_dict
 
-    try:
-        conninfo_to_dict(dsn)
-    except Exception:  # psycopg raises ProgrammingError with the DSN inside; do not echo it
-        raise ConfigError(
-            f"DATABASE_URL is not a valid PostgreSQL DSN ({mask_dsn(dsn)}): "
+    def bad(why: str) -> ConfigError:
+        shown = mask_dsn(dsn)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return ConfigError(
+            f"DATABASE_URL {why} ({shown}): "
             "expected e.g. postgresql://user:password@host:5432/dbname"
-        ) from None
+        )
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # psycopg raises ProgrammingError with the DSN inside; do not echo it
+        raise bad("is not a valid PostgreSQL DSN") from None
+    for port in str(parts.get("port") or "5432").split(","):
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise bad(f"has a bad port {port[:20]!r}")
+    if parts.get("sslmode") is not None and parts["sslmode"] not in _SSLMODES:
+        raise bad(f"has an unknown sslmode (one of {', '.join(_SSLMODES)})")
+    for host in str(parts.get("host") or "").split(","):
+        if host.startswith("/"):
+            continue  # a socket directory
+        if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
+            raise bad("has a host name longer than DNS allows")
