@@ -70,12 +70,6 @@ def admin_dsn() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def server_version(admin_dsn: str) -> int:
-    with psycopg.connect(admin_dsn) as c:
-        return c.info.server_version
-
-
-@pytest.fixture(scope="session")
 def template_db(admin_dsn: str) -> Iterator[str]:
     """A database migrated once, then copied for each test."""
     name = f"gwtpl_{os.getpid()}"
@@ -92,11 +86,12 @@ def template_db(admin_dsn: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def create_db(admin_dsn: str, template: str, server_version: int) -> str:
+def create_db(admin_dsn: str, template: str) -> str:
     name = f"gwt_{os.getpid()}_{next(_counter)}"
-    strategy = " STRATEGY FILE_COPY" if server_version >= 150000 else ""
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}')
+        # the default strategy (WAL_LOG on 15+) copies a small template without the
+        # checkpoint FILE_COPY forces: 0.04 s a database instead of up to a second
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     return make_conninfo(admin_dsn, dbname=name)
 
 
@@ -106,9 +101,9 @@ def drop_db(admin_dsn: str, dsn: str) -> None:
 
 
 @pytest.fixture
-def dsn(admin_dsn: str, template_db: str, server_version: int) -> Iterator[str]:
+def dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database of this test's own."""
-    url = create_db(admin_dsn, template_db, server_version)
+    url = create_db(admin_dsn, template_db)
     try:
         yield url
     finally:
