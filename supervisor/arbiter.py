@@ -30,6 +30,7 @@ from setproctitle import setproctitle
 from . import channels as ch
 from .alarms import parse_limits
 from .config import Settings
+from .errors import UsageError
 from .feeder import Feeder
 from .model import Job
 from .shutdown import shut_down
@@ -115,9 +116,11 @@ class Arbiter:
             await self.hooks.starting(self)  # binds --http: a port in use fails here, cleanly
         try:
             await self.feeder.open()
+            await self._claim_node_id()
         except BaseException:
             if self.hooks is not None:
                 await self.hooks.stopped()  # close the HTTP server before the error goes up
+            await self.feeder.close()
             raise
         given_back = await self.feeder.queue.release_node(self.node)
         if given_back:
@@ -148,6 +151,26 @@ class Arbiter:
         code = await self.exit_code
         await shut_down(self)
         return code
+
+    async def _claim_node_id(self) -> None:
+        """Refuse a node id another live supervisor runs under: both would renew (and give
+        back) each other's jobs. A previous life of this node id that died is fine: its
+        jobs come back at once."""
+        row = await self.feeder.queue.node_row(self.node)
+        if row is None or row[2] != "alive":
+            return
+        host, pid, _, silent_s = row
+        here = socket.gethostname()
+        if host == here and pid != os.getpid() and _is_supervisor(pid):
+            raise UsageError(
+                f"node id {self.node!r} is in use by the supervisor with pid {pid} on this "
+                "host: give each supervisor its own --node-id"
+            )
+        if host != here and silent_s < self.settings.lease_s:
+            raise UsageError(
+                f"node id {self.node!r} is alive on host {host} (heard of {silent_s:.0f}s ago): "
+                "give each supervisor its own --node-id"
+            )
 
     def finish(self, code: int) -> None:
         if self.exit_code is not None and not self.exit_code.done():
@@ -569,3 +592,12 @@ def run_coroutine(coro: Coroutine[Any, Any, int]) -> int:
     import uvloop
 
     return uvloop.run(coro)
+
+
+def _is_supervisor(pid: int) -> bool:
+    """Is pid a live genworker supervisor (not a recycled pid of something else)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().startswith(b"genworker: supervisor")
+    except OSError:
+        return False

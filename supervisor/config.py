@@ -84,7 +84,9 @@ class Settings:
     )
     # --- the node and its workers
     node_id: str | None = _opt(
-        None, "this supervisor's id in the nodes table (default host-pid)", cmds=_RUN
+        None,
+        "this supervisor's id in the nodes table, one per supervisor (default: the host name)",
+        cmds=_RUN,
     )
     workers: int = _opt(8, "worker processes", lo=1, hi=256, cmds=_RUN)
     concurrency: int = _opt(
@@ -236,7 +238,9 @@ class Settings:
 
     @property
     def resolved_node_id(self) -> str:
-        return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        """--node-id, else the host name: stable across restarts, so a restarted supervisor
+        takes back its previous life's jobs at once instead of waiting out their leases."""
+        return self.node_id or socket.gethostname()
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:

@@ -32,7 +32,18 @@ from .queue import Listener, Queue, retry_delay_s, sleep_unless
 
 log = logging.getLogger("genworker.feeder")
 
-DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+# What the loops ride out (log, back off, retry) rather than die of. A statement cancelled by
+# the timeouts below is one of them: a lock held too long is an outage of sorts.
+DB_ERRORS = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    PoolTimeout,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.LockNotAvailable,
+)
+# No statement of the supervisor's may wait forever on a lock or a stuck server.
+STATEMENT_TIMEOUT_MS = 60_000
+LOCK_TIMEOUT_MS = 10_000
 # While the database is away: ask the pool for a connection this often, and let each of
 # the pool's reconnection attempts give up after RECONNECT_S (its backoff doubles up to 5
 # minutes by default, so after a long outage the first connection came up to minutes
@@ -121,7 +132,12 @@ class Feeder:
             max_size=settings.db_pool_size,
             timeout=settings.db_pool_timeout_s,
             reconnect_timeout=RECONNECT_S,
-            kwargs={"autocommit": True, "application_name": f"genworker {node}"},
+            kwargs={
+                "autocommit": True,
+                "application_name": f"genworker {node}",
+                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+                f" -c lock_timeout={LOCK_TIMEOUT_MS}",
+            },
             open=False,
         )
         self.queue = Queue(self.pool, snooze_max_s=settings.snooze_max_s)
@@ -144,6 +160,7 @@ class Feeder:
         self.probe = False  # after a pause, one job at a time until one succeeds
         self.db_ok = False
         self.db_error: str | None = None
+        self.db_problem = "unreachable"  # what is wrong while db_ok is False
         self.db_back = asyncio.Event()  # set while the database answers: ends retry pauses
         self.live_nodes = 1
         self.listener = Listener(dsn, self)  # type: ignore[arg-type]  # it calls .set()
@@ -175,13 +192,25 @@ class Feeder:
 
     def _db_failed(self, what: str, e: BaseException) -> None:
         self.stats.db_errors += 1
-        reason = f"{what}: {type(e).__name__}"
-        if self.db_ok:
+        if isinstance(e, PoolTimeout):
+            problem = (
+                f"pool exhausted (all {self.settings.db_pool_size} connections busy "
+                f"past {self.settings.db_pool_timeout_s:g}s)"
+            )
+        elif isinstance(e, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+            problem = "statements timing out"
+        else:
+            problem = "unreachable"
+        if self.db_ok or problem != self.db_problem:
             log.warning(
-                "database unreachable (%s); holding outcomes in memory and retrying", reason
+                "database %s (%s: %s); holding outcomes in memory and retrying",
+                problem,
+                what,
+                type(e).__name__,
             )
         self.db_ok = False
-        self.db_error = reason
+        self.db_problem = problem
+        self.db_error = f"{what}: {type(e).__name__}"
         self.db_back.clear()
 
     def _db_back(self) -> None:

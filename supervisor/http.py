@@ -45,6 +45,7 @@ class HttpServeError(GenworkerError):
 def assess_readiness(
     *,
     database_ok: bool,
+    database_problem: str = "unreachable",
     workers_up: int,
     workers: int,
     degraded: str | None = None,
@@ -53,7 +54,7 @@ def assess_readiness(
     """The usual verdict, with reasons worded the same in /readyz and `genworker status`."""
     reasons = []
     if not database_ok:
-        reasons.append("database unreachable")
+        reasons.append(f"database {database_problem}")
     if workers_up < workers:
         reasons.append(f"workers down: {workers - workers_up} of {workers}")
     if degraded:

@@ -201,6 +201,7 @@ class Ops:
             degraded = f"{held} crash-looping workers held back"
         ready, reasons = assess_readiness(
             database_ok=a.feeder.db_ok,
+            database_problem=a.feeder.db_problem,
             workers_up=self.workers_up(),
             workers=a.target,
             degraded=degraded,
@@ -221,7 +222,7 @@ class Ops:
             f"{st.dead} dead",
         ]
         if not a.feeder.db_ok:
-            parts.append("database unreachable")
+            parts.append(f"database {a.feeder.db_problem}")
         if a.degraded:
             parts.append("degraded")
         alarms = self.alarms.summary()

@@ -154,6 +154,11 @@ class Queue:
         rows = await self._rows("renew_leases", {"node": node, "lease_s": lease_s})
         return int(rows[0][0])
 
+    async def node_row(self, node: str) -> tuple[str, int, str, float] | None:
+        """(host, pid, status, seconds since its heartbeat) of a node id, if it ever ran."""
+        rows = await self._rows("node_row", {"node": node})
+        return (rows[0][0], rows[0][1], rows[0][2], float(rows[0][3])) if rows else None
+
     async def register_node(
         self, node: str, host: str, pid: int, workers: int, info: dict[str, Any]
     ) -> None:

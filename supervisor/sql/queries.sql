@@ -95,6 +95,11 @@ WITH r AS (
     RETURNING 1
 ) SELECT count(*) AS renewed FROM r
 
+-- node_row --
+-- Who last ran under a node id, and how long ago it was heard of.
+SELECT host, pid, status, extract(epoch FROM now() - heartbeat_at) AS silent_s
+  FROM genworker.nodes WHERE id = %(node)s
+
 -- register_node --
 -- Announce a node (or bring a restarted one back to life).
 INSERT INTO genworker.nodes (id, host, pid, workers, status, info)

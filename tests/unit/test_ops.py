@@ -47,6 +47,7 @@ class FakePool:
 class FakeFeeder:
     pool: FakePool = field(default_factory=FakePool)
     db_ok: bool = True
+    db_problem: str = "unreachable"
     stats: FeederStats = field(default_factory=FeederStats)
     buffer: list[Any] = field(default_factory=list)
     pending: list[Any] = field(default_factory=list)
