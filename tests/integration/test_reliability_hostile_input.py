@@ -500,21 +500,8 @@ ARGS = {  # where -> the submit's keyword arguments with the text there
 }
 
 
-ECHOED_RAW = pytest.mark.xfail(
-    strict=True,
-    reason="genworker.submit_task (0001_initial.sql) quotes a bad plan, tenant or kind with "
-    "quote_nullable(left(x, 80)), which keeps newlines and escape characters: the one-line "
-    "error becomes several lines, or moves the user's terminal. to_json(left(x, 80))::text "
-    "would escape them (\\n, \\u001b); a migration, since 0001 is applied already",
-)
-
-
 def corpus_params() -> list[Any]:
-    raw = {"newlines", "ansi escapes"}
-    return [
-        pytest.param(why, text, id=why, marks=[ECHOED_RAW] if why in raw else [])
-        for why, text in corpus()
-    ]
+    return [pytest.param(why, text, id=why) for why, text in corpus()]
 
 
 @pytest.mark.parametrize(("why", "text"), corpus_params())

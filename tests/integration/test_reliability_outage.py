@@ -134,7 +134,9 @@ def test_an_exhausted_pool_is_a_fast_logged_error_and_the_node_carries_on(
         locker.execute("LOCK TABLE genworker.jobs IN ACCESS EXCLUSIVE MODE")
         locked_at = time.monotonic()
         line = wait_for(
-            lambda: re.search(r".*database pool exhausted \(.*?\) \(([^)]*PoolTimeout)\)", node.log()),
+            lambda: re.search(
+                r".*database pool exhausted \(.*?\) \(([^)]*PoolTimeout)\)", node.log()
+            ),
             "a PoolTimeout logged",
             15,
         )

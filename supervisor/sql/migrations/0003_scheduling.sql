@@ -61,17 +61,17 @@ DECLARE
     v_now       timestamptz := now();
 BEGIN
     IF p_tenant IS NULL OR p_tenant !~ '^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$' THEN
-        RAISE EXCEPTION 'invalid tenant %: use 1-64 letters, digits and _.:@- ', quote_nullable(left(p_tenant, 80))
+        RAISE EXCEPTION 'invalid tenant %: use 1-64 letters, digits and _.:@- ', to_json(left(p_tenant, 80))::text
             USING ERRCODE = 'GW004';
     END IF;
     SELECT * INTO v_plan FROM genworker.plans WHERE name = p_plan;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown plan %: choose one of %', quote_nullable(left(p_plan, 80)),
+        RAISE EXCEPTION 'unknown plan %: choose one of %', to_json(left(p_plan, 80))::text,
             (SELECT string_agg(name, ', ' ORDER BY priority, name) FROM genworker.plans)
             USING ERRCODE = 'GW001';
     END IF;
     IF p_kind IS NULL OR p_kind !~ '^[a-z][a-z0-9_]{0,31}$' THEN
-        RAISE EXCEPTION 'invalid job kind %: use lowercase letters, digits and _', quote_nullable(left(p_kind, 80))
+        RAISE EXCEPTION 'invalid job kind %: use lowercase letters, digits and _', to_json(left(p_kind, 80))::text
             USING ERRCODE = 'GW007';
     END IF;
     IF p_params IS NULL OR jsonb_typeof(p_params) <> 'object' THEN
