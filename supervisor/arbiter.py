@@ -1,13 +1,5 @@
 """The supervisor process: fork workers (through the zygote), watch them, restart
-them, and act on signals.
-
-Signal handlers only enqueue the signal; `signal_loop` acts on it:
-  TERM, INT   stop claiming, give buffered jobs back, let in-flight jobs finish for up
-              to --graceful-timeout, give the rest back, exit 0; a second one: now
-              (the order of it all: shutdown.py)
-  QUIT        give everything back and exit now
-  HUP         re-read the settings and replace every worker, one at a time
-  TTIN, TTOU  one worker more, one fewer
+them. What each signal does is in signals.py; the order of a shutdown in shutdown.py.
 """
 
 from __future__ import annotations
@@ -28,6 +20,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from . import channels as ch
+from . import signals, upkeep
 from .alarms import parse_limits
 from .config import Settings
 from .errors import UsageError
@@ -50,14 +43,6 @@ MONITOR_S = 0.25
 KILL_GRACE_S = 2.0
 CHANNEL_EOF_S = 1.0  # after a worker's exit, how long its channel may take to deliver the rest
 BOOT_TIMEOUT_S = 60.0
-SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-)
 
 
 class Arbiter:
@@ -129,7 +114,7 @@ class Arbiter:
             self.node, socket.gethostname(), os.getpid(), self.target, self.node_info()
         )
         loop.add_reader(self.zygote.sock.fileno(), self._on_zygote)
-        for sig in SIGNALS:
+        for sig in signals.HANDLERS:
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         log.info(
             "node %s starting %d workers x %d slots",
@@ -143,8 +128,8 @@ class Arbiter:
         self.tasks.spawn(self.monitor_loop(), "monitor")
         self.tasks.spawn(self.feeder.claim_loop(), "claim")
         self.tasks.spawn(self.feeder.write_loop(self.stop_event), "write", critical=False)
-        self.tasks.spawn(self.feeder.lease_loop(self.stop_event, self.node_info), "lease")
-        self.tasks.spawn(self.feeder.reap_loop(self.stop_event), "reaper")
+        self.tasks.spawn(upkeep.lease_loop(self.feeder, self.stop_event, self.node_info), "lease")
+        self.tasks.spawn(upkeep.reap_loop(self.feeder, self.stop_event), "reaper")
         self.tasks.spawn(self.feeder.listener.run(self.stop_event), "listen")
         if self.hooks is not None:
             await self.hooks.started(self)
@@ -478,85 +463,7 @@ class Arbiter:
 
     # ============================================================ signals
     async def signal_loop(self) -> None:
-        while True:
-            sig = await self.signals.get()
-            name = signal.Signals(sig).name
-            handler = getattr(self, f"handle_{name[3:].lower()}")
-            await handler()
-
-    async def handle_term(self) -> None:
-        if self.stopping:
-            log.warning("second stop signal: giving back in-flight jobs now")
-            self.immediate.set()
-            return
-        log.info(
-            "stop signal: finishing in-flight jobs (up to %.0fs)", self.settings.graceful_timeout_s
-        )
-        self.finish(EXIT_OK)
-
-    handle_int = handle_term
-
-    async def handle_quit(self) -> None:
-        log.info("quit signal: giving back every job and exiting now")
-        self.immediate.set()
-        self.finish(EXIT_OK)
-
-    async def handle_ttin(self) -> None:
-        self.target = min(self.target + 1, self.block.max_workers)
-        log.info("TTIN: %d workers", self.target)
-
-    async def handle_ttou(self) -> None:
-        self.target = max(1, self.target - 1)
-        log.info("TTOU: %d workers", self.target)
-
-    async def handle_hup(self) -> None:
-        if self.reloading or self.stopping:
-            return
-        self.reloading = True
-        # A task of its own: replacing workers takes a while, and a TERM meanwhile must not
-        # wait in the signal queue until it is done.
-        self.tasks.spawn(self._reload(), "reload", critical=False)
-
-    async def _reload(self) -> None:
-        try:
-            await self._replace_all()
-        finally:
-            self.reloading = False
-
-    async def _replace_all(self) -> None:
-        if self.reload_settings is not None:
-            try:
-                new = self.reload_settings()
-            except Exception as e:  # a bad edit must not take the node down: keep the old settings
-                log.error("HUP: settings not reloaded: %s", e)
-                return
-            self.settings = new
-            self.feeder.settings = new
-            self.target = new.workers
-            self.zygote.send_settings(new)
-        if self.hooks is not None:
-            self.hooks.reloading()
-        log.info("HUP: replacing %d workers one at a time", len(self.live_handles()))
-        for old in [h for h in self.live_handles() if h.state is State.READY]:
-            if self.stopping:
-                return
-            old.ask_stop("reload")
-            deadline = time.monotonic() + BOOT_TIMEOUT_S
-            while time.monotonic() < deadline and not self.stopping:
-                if any(
-                    h.position == old.position and h.state is State.READY and h is not old
-                    for h in self.handles
-                ):
-                    break
-                await asyncio.sleep(0.05)
-        if self.stopping:
-            return
-        log.info("HUP: every worker replaced")
-        if time.monotonic() < self.feeder.paused_until:
-            # paused for a bad key, which the reload may have fixed: probe it now
-            self.feeder.pause_claims(0.0)
-        if self.hooks is not None:
-            self.hooks.reloaded()
+        await signals.signal_loop(self)
 
     def node_info(self) -> dict[str, Any]:
         """What this node publishes in the nodes table (read by `genworker status`)."""

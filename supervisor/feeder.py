@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -28,7 +28,7 @@ from .cache import open_cache
 from .config import Settings
 from .dedupe import CacheGate
 from .model import Job, Outcome, OutcomeKind
-from .queue import Listener, Queue, retry_delay_s, sleep_unless
+from .queue import Listener, Queue, retry_delay_s
 
 log = logging.getLogger("genworker.feeder")
 
@@ -190,7 +190,7 @@ class Feeder:
             await self.gate.cache.close()
         await self.pool.close()
 
-    def _db_failed(self, what: str, e: BaseException) -> None:
+    def db_failed(self, what: str, e: BaseException) -> None:
         self.stats.db_errors += 1
         if isinstance(e, PoolTimeout):
             problem = (
@@ -213,7 +213,7 @@ class Feeder:
         self.db_error = f"{what}: {type(e).__name__}"
         self.db_back.clear()
 
-    def _db_back(self) -> None:
+    def db_answered(self) -> None:
         if not self.db_ok:
             log.info("database reachable again")
         self.db_ok = True
@@ -225,14 +225,14 @@ class Feeder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.db_back.wait(), seconds)
 
-    async def _probe(self) -> bool:
+    async def probe_db(self) -> bool:
         """Is the database back? Asking the pool (briefly) also has it try to reconnect now."""
         try:
             async with self.pool.connection(timeout=DB_PROBE_S) as conn:
                 await conn.execute("SELECT 1")
         except DB_ERRORS:
             return False
-        self._db_back()
+        self.db_answered()
         return True
 
     # ------------------------------------------------------------ claiming
@@ -278,13 +278,13 @@ class Feeder:
                 try:
                     jobs = await self.queue.claim(self.node, n, self.settings.lease_s)
                 except DB_ERRORS as e:
-                    self._db_failed("claim", e)
+                    self.db_failed("claim", e)
                     await self._retry_pause(backoff)
                     backoff = min(backoff * 2, 5.0)
                     self.wake.set()
                     continue
                 backoff = 0.1
-                self._db_back()
+                self.db_answered()
                 self.queue_empty = len(jobs) < n
                 if jobs and self.gate is not None:
                     jobs, hits = await self.gate.lookup(jobs)
@@ -442,6 +442,9 @@ class Feeder:
 
     def _resume_now(self) -> None:
         self._resume = None
+        # the timer is the pause's end (a later pause replaces it); the loop's clock may
+        # lag time.monotonic() by a millisecond, so do not ask the clock again
+        self.paused_until = min(self.paused_until, time.monotonic())
         if self.claiming:
             self.dispatch()
             self.wake.set()
@@ -468,7 +471,7 @@ class Feeder:
             try:
                 done = await self.queue.complete(outcomes)
             except DB_ERRORS as e:
-                self._db_failed("complete", e)
+                self.db_failed("complete", e)
                 self.pending[:0] = batch  # keep them, oldest first, and try again
                 await self._retry_pause(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -479,7 +482,7 @@ class Feeder:
                 self.pending[:0] = batch
                 raise
             backoff = 0.1
-            self._db_back()
+            self.db_answered()
             self._count(done.applied.values(), len(done.stale))
             if self.gate is not None:
                 await self.gate.store()
@@ -527,10 +530,10 @@ class Feeder:
             try:
                 done = await self.queue.release(pairs, reason, self.settings.max_worker_deaths)
             except DB_ERRORS as e:
-                self._db_failed("release", e)
+                self.db_failed("release", e)
                 await self._retry_pause(min(0.1 * 2**attempt, 2.0))
                 continue
-            self._db_back()
+            self.db_answered()
             self.stats.released += len(done.applied)
             dead = [i for i, st in done.applied.items() if st == "dead"]
             self.poke()  # they are runnable again, here or elsewhere
@@ -551,52 +554,6 @@ class Feeder:
         return await self.release(jobs, None)
 
     # ------------------------------------------------------ leases and reaper
-    async def lease_loop(self, stop: asyncio.Event, info: Callable[[], dict[str, Any]]) -> None:
-        every = max(0.2, self.settings.lease_s / 3)  # renew well before the lease/2 mark
-        while not stop.is_set():
-            if not self.db_ok and not await self._probe():
-                # away: probe often (the other loops wait in the pool's queue meanwhile)
-                await sleep_unless(stop, DB_PROBE_S)
-                continue
-            try:
-                self.stats.renewed += await self.queue.renew(self.node, self.settings.lease_s)
-                self.live_nodes = await self.queue.heartbeat(
-                    self.node, sum(1 for _ in self.holders()), info()
-                )
-                self._db_back()
-                self.share_rate()
-            except DB_ERRORS as e:
-                self._db_failed("lease renewal", e)
-            await sleep_unless(stop, every)
-
-    def share_rate(self) -> None:
-        """Give this host its share of the cluster-wide --api-rps: one live node's worth."""
-        if self.bucket is not None:
-            rps = self.settings.api_rps
-            self.bucket.set_rate(rps / self.live_nodes if rps else None)
-
-    async def reap_loop(self, stop: asyncio.Event) -> None:
-        every = max(0.5, min(5.0, self.settings.lease_s / 3))
-        stale = max(self.settings.lease_s, 3 * every)
-        next_prune = time.monotonic() + 60
-        while not stop.is_set():
-            try:
-                r = await self.queue.reap(stale, self.settings.max_worker_deaths)
-                if r.requeued or r.dead_jobs or r.dead_nodes:
-                    log.info(
-                        "reaper: %d expired leases requeued, %d jobs dead, %d nodes marked dead",
-                        r.requeued,
-                        r.dead_jobs,
-                        r.dead_nodes,
-                    )
-                    self.stats.reaped += r.requeued
-                    self.poke()
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + 300
-                    self.stats.pruned += await self.queue.prune(self.settings.retention_s, 500)
-            except DB_ERRORS as e:
-                self._db_failed("reaper", e)
-            await sleep_unless(stop, every)
 
 
 async def _first(*events: asyncio.Event) -> None:

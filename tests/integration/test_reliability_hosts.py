@@ -22,9 +22,10 @@ from supervisor_harness import (
 
 from supervisor.audit import Faults, audit
 from supervisor.client import Client
+from supervisor.upkeep import reap_every_s
 
 LEASE_S = 3.0
-REAP_EVERY_S = max(0.5, min(5.0, LEASE_S / 3))  # feeder.reap_loop's interval for this lease
+REAP_EVERY_S = reap_every_s(LEASE_S)  # the reaper interval for this lease
 
 
 def three_nodes(launch: Launcher, sim: object, *args: str, workers: int = 2) -> list[Node]:
