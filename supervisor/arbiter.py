@@ -279,6 +279,7 @@ class Arbiter:
                 await asyncio.wait_for(h.channel_closed.wait(), CHANNEL_EOF_S)
         progressed = h.jobs_finished() > 0
         lived_s = 0.0 if h.ready_at is None else time.monotonic() - h.ready_at
+        running = self._running_ids(h)
         jobs = self._retire(h)
         # Everything below that decides the restart runs before the first await: the
         # monitor must not see a free position whose backoff is not recorded yet.
@@ -308,9 +309,22 @@ class Arbiter:
             )
         else:
             self._record_death(h, reason, sig, progressed, lived_s, len(jobs))
+            if running is not None:  # those queued behind busy slots never started
+                waiting = [j for j in jobs if j.job_id not in running]
+                jobs = [j for j in jobs if j.job_id in running]
+                await self.feeder.release(waiting, None)
             await self.feeder.release(jobs, reason)
             return
         await self.feeder.release(jobs, None)  # not their fault: no death counted
+
+    def _running_ids(self, h: WorkerHandle) -> set[int] | None:
+        """The jobs a (dead) worker was running, from its slot; None when it did not keep
+        the list (concurrency above the slot's room: then every held job counts)."""
+        if self.settings.concurrency > ch.RUNNING_PLACES:
+            return None
+        view = self.block.slot(h.slot)
+        places = view[ch.RUNNING0 : ch.RUNNING0 + ch.RUNNING_PLACES]
+        return {int(v) for v in places.tolist() if v > 0}
 
     def _retire(self, h: WorkerHandle) -> list[Job]:
         """Forget a dead worker: close its channel, keep its counters, free its slot; returns

@@ -131,6 +131,11 @@ JOBS_SEEN = 19
 # API latency histogram: cumulative buckets in seconds, one counter each.
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LATENCY_BUCKET0 = 20  # fields 20..31
+# Fields 32..63: the ids of the jobs the worker is running (0.0: a free place; float64 holds
+# ids exactly up to 2**53). When a worker dies, only these were in flight: the jobs queued
+# behind its busy slots never started and take no death. Kept when concurrency <= 32.
+RUNNING0 = 32
+RUNNING_PLACES = 32
 
 COUNTER_FIELDS = {
     "done": DONE_OK, "failed": FAILED, "retried": RETRIED, "snoozed": SNOOZED,

@@ -109,6 +109,10 @@ class Worker:
         self.waiting = UrgencyBuffer()
         self.running = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        # free places in the slot's list of running job ids (none: concurrency too high)
+        tracked = settings.concurrency <= ch.RUNNING_PLACES
+        self.places = list(range(ch.RUNNING_PLACES)) if tracked else []
+        self.place_of: dict[int, int] = {}
         self.outbox: list[Outcome] = []
         self.stop_reason: str | None = None
         self.done = asyncio.Event()
@@ -191,16 +195,30 @@ class Worker:
         while self.waiting and self.running < limit:
             job = self.waiting.popleft()
             self.running += 1
+            self._mark_running(job.job_id)
             task = asyncio.get_running_loop().create_task(self.run_job(job))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         self.slot[ch.INFLIGHT] = self.running + len(self.waiting)
+
+    def _mark_running(self, job_id: int) -> None:
+        if self.places:
+            place = self.places.pop()
+            self.place_of[job_id] = place
+            self.slot[ch.RUNNING0 + place] = job_id
+
+    def _unmark_running(self, job_id: int) -> None:
+        place = self.place_of.pop(job_id, None)
+        if place is not None:
+            self.slot[ch.RUNNING0 + place] = 0.0
+            self.places.append(place)
 
     async def run_job(self, job: Job) -> None:
         try:
             outcome = await self._call(job)
         finally:
             self.running -= 1
+            self._unmark_running(job.job_id)
         self._count(outcome)
         self.outbox.append(outcome)
         if len(self.outbox) == 1:

@@ -153,3 +153,24 @@ def test_sigkill_of_a_busy_worker_twenty_times_loses_and_repeats_nothing(
         ), log[-2000:]
     zombies = [p for p in node.tree() if p.state == "Z"]
     assert not zombies, zombies
+
+
+def test_jobs_queued_behind_busy_slots_take_no_death_when_their_worker_dies(
+    launch: Launcher, client: Client, conn: psycopg.Connection
+) -> None:
+    # 100 ms calls are quick: the worker gets a second job queued behind each busy slot
+    sim = launch.sim(latency_ms=100)
+    node = launch.node(sim, "test-queued", workers=1, lease_s=30)
+    client.submit_many([{"plan": "start", "params": {"prompt": "a gannet"}}] * 4)  # 120 jobs
+    node.wait_workers(1)
+    wait_for(lambda: status_counts(conn).get("succeeded", 0) >= 30, "quick calls seen", 30)
+    [pid] = node.workers().values()
+    os.kill(pid, signal.SIGKILL)
+    wait_all_finished(conn, 120, timeout_s=60)
+    rows = jobs(conn)
+    assert {j["status"] for j in rows} == {"succeeded"}
+    died_with_it = [j for j in rows if j["deaths"] == 1]
+    came_back_clean = [j for j in rows if j["deaths"] == 0 and j["token"] >= 2]
+    assert 1 <= len(died_with_it) <= SLOTS  # only the jobs it was running
+    assert came_back_clean  # those queued behind its slots were given back, no death
+    assert all(j["attempts"] == 1 for j in rows)
