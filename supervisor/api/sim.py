@@ -102,6 +102,9 @@ def _error(status: int, message: str, etype: str, code: str | None, **headers: s
     return web.json_response(body, status=status, headers=headers)
 
 
+TIMELINE_MAX = 20_000  # requests kept in the stats' timeline (bounded memory)
+
+
 class SimApi:
     """The server's state: config, random stream, rate window, stored files, counters."""
 
@@ -125,6 +128,9 @@ class SimApi:
         # most requests held at once (a hung one until its client leaves)
         self.max_inflight = self.inflight
         self.started = time.monotonic()
+        # (arrived, answered, status) of each request, seconds since the stats began:
+        # lets a test check that nothing came during a Retry-After it asked for
+        self.timeline: list[tuple[float, float, int]] = []
 
     def arrived(self, now: float) -> None:
         while self.recent and self.recent[0] <= now - 1.0:
@@ -144,6 +150,7 @@ class SimApi:
             "max_in_any_second": self.max_per_s,
             "inflight": self.inflight,
             "max_inflight": self.max_inflight,
+            "timeline": list(self.timeline),
             "elapsed_s": time.monotonic() - self.started,
             "config": config,
         }
@@ -308,10 +315,18 @@ async def generations(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
     sim.inflight += 1
     sim.max_inflight = max(sim.max_inflight, sim.inflight)
+    arrived = time.monotonic() - sim.started
+    status = 0
     try:
-        return await _generations(sim, request)
+        response = await _generations(sim, request)
+        status = response.status
+        return response
     finally:
         sim.inflight -= 1
+        if len(sim.timeline) < TIMELINE_MAX:
+            sim.timeline.append(
+                (round(arrived, 4), round(time.monotonic() - sim.started, 4), status)
+            )
 
 
 async def _generations(sim: SimApi, request: web.Request) -> web.StreamResponse:

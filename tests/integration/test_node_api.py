@@ -117,3 +117,25 @@ def test_start_sweeps_files_half_written_by_killed_workers(launch: Launcher) -> 
     live.unlink()
     node.signal(signal.SIGTERM)
     assert node.wait(30) == 0
+
+
+def test_retry_after_is_honoured_no_request_comes_during_the_wait(
+    launch: Launcher, client: Client, conn: psycopg.Connection
+) -> None:
+    # a fifth of the calls are refused with 429 and Retry-After: 1.5 s (a seeded fault),
+    # while far more jobs wait than the 10 slots could run: the whole host must hold off
+    sim = launch.sim("--fail-429", "0.2", "--fault-retry-after-ms", "1500", "--seed", "3",
+                     latency_ms=20)  # fmt: skip
+    node = launch.node(sim, "test-retry-after", workers=2)
+    node.wait_workers(2)
+    client.submit_many([{"plan": "start", "params": {"prompt": "a petrel"}}] * 2)  # 60 jobs
+    wait_all_finished(conn, 60, timeout_s=120)
+    assert status_counts(conn) == {"succeeded": 60}  # a snooze spends no attempt
+    timeline = sim.stats()["timeline"]
+    refused_at = [answered for _, answered, status in timeline if status == 429]
+    assert refused_at
+    race_s = 0.05  # a call granted just before the 429 reached its worker may still land
+    for t in refused_at:
+        early = [a for a, _, _ in timeline if t + race_s < a < t + 1.5 - race_s]
+        assert not early, f"requests at {early} during the Retry-After of a 429 answered at {t}"
+    assert all(j["attempts"] == 1 for j in jobs(conn))
