@@ -117,12 +117,13 @@ def start_node(args: list[str], dsn: str, log_path: Path) -> Child:
 
 def last_line(path: Path) -> str:
     """The line of a child's log that best says why it stopped, for a one-line error:
-    its own one-line error ("genworker: ..."), else its last ERROR, else its last line."""
+    its own one-line error ("genworker: ..."), else its first ERROR (the cause: what follows
+    is the consequence, e.g. "stopping the node"), else its last line."""
     try:
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
     said = [line for line in lines if line.startswith("genworker:")]
     errors = [line for line in lines if " ERROR " in line or " CRITICAL " in line]
-    best = said[0] if said else errors[-1] if errors else lines[-1] if lines else ""
+    best = said[0] if said else errors[0] if errors else lines[-1] if lines else ""
     return best[:300]
