@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..procs import pid_alive
+
 MAX_FILE_BYTES = 32 * 1024 * 1024  # one image; also the cap on an API answer's body
 CHUNK_BYTES = 1024 * 1024
 
@@ -112,16 +114,6 @@ async def store_image(
         raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_temp_files(out_dir: Path) -> int:
     """Remove temp files left by processes that died mid-write; returns how many."""
     removed = 0
@@ -131,7 +123,7 @@ def sweep_temp_files(out_dir: Path) -> int:
         return 0
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m and not _alive(int(m[1])):
+        if m and not pid_alive(int(m[1])):
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
     return removed

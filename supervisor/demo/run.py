@@ -30,6 +30,7 @@ from ..client import Client, TaskInfo
 from ..config import FIELDS, Settings, flag_name, format_plans
 from ..db import connect, translated
 from ..model import TaskStatus
+from ..procs import pid_alive
 from . import baseline, report
 from .live import TaskProgress, View, make_view
 from .node import Child, DemoError, last_line, start_node, start_sim
@@ -161,14 +162,9 @@ def _drop_stale(admin: psycopg.Connection) -> None:
         "SELECT datname FROM pg_database WHERE datname ~ '^genworker_demo_[0-9]+$'"
     ).fetchall()
     for (name,) in rows:
-        pid = int(name.rsplit("_", 1)[1])
-        with contextlib.suppress(PermissionError):
-            try:
-                os.kill(pid, 0)
-                continue  # that demo is still running
-            except ProcessLookupError:
-                pass
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if pid_alive(int(name.rsplit("_", 1)[1])):
+            continue  # that demo is still running
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _warn_if_busy(conn: psycopg.Connection, view: View) -> None:
