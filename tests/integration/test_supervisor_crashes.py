@@ -117,8 +117,8 @@ def test_a_job_that_kills_its_worker_goes_dead_after_3_deaths_with_the_reason(
     launch: Launcher, client: Client, conn: psycopg.Connection
 ) -> None:
     sim = launch.sim(latency_ms=300)
-    # One slot per worker: the poison job shares its worker with no other job (see the
-    # xfail test below for what happens to jobs that do).
+    # One slot per worker: the poison job shares its worker with no other job (the test
+    # below shows what happens to jobs that do).
     node = launch.node(
         sim,
         "test-poison",
