@@ -1,5 +1,5 @@
-"""Helpers of the operations tests: a stand-in for systemd's notify socket, the node's
-HTTP endpoints, alarm lines in a node's log, and a private PostgreSQL a test may stop."""
+"""Helpers of the operations tests: the node's HTTP endpoints, alarm lines in a node's
+log, and a private PostgreSQL a test may stop."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,55 +24,6 @@ from supervisor_harness import Node, wait_for
 
 from supervisor import schema
 from supervisor.config import Settings
-
-# ------------------------------------------------------------------ systemd
-
-
-class NotifySocket:
-    """The receiving end of NOTIFY_SOCKET: a real AF_UNIX datagram socket, read by a thread
-    that stamps each message and calls `on_message` (in that thread) as it arrives."""
-
-    def __init__(self, path: Path, on_message: Callable[[dict[str, str]], None] | None = None):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.05)
-        self.on_message = on_message
-        self.received: list[tuple[float, dict[str, str]]] = []
-        self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
-            if self.on_message is not None:
-                self.on_message(fields)
-            with self.lock:
-                self.received.append((time.monotonic(), fields))
-
-    def messages(self) -> list[dict[str, str]]:
-        with self.lock:
-            return [m for _, m in self.received]
-
-    def count(self, key: str) -> int:
-        return sum(1 for m in self.messages() if key in m)
-
-    def events(self) -> list[str]:
-        """The state changes in order: READY, RELOADING, STOPPING (not STATUS or pings)."""
-        keys = ("READY", "RELOADING", "STOPPING")
-        return [k for m in self.messages() for k in keys if k in m]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
 
 # --------------------------------------------------------------------- HTTP
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from ops_support import NotifySocket, alarm_lines, http_address, readyz
+from notify_socket import NotifySocket
+from ops_support import alarm_lines, http_address, readyz
 from supervisor_harness import (
     Launcher,
     Node,

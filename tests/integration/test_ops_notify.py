@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from ops_support import NotifySocket
+from notify_socket import NotifySocket
 from supervisor_harness import (
     Launcher,
     launch_fixture,  # noqa: F401  (the launch fixture)

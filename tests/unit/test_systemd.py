@@ -4,52 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from notify_socket import NotifySocket
 
 from supervisor import systemd
 
 
-class FakeSystemd:
-    """The receiving end of NOTIFY_SOCKET; a thread stamps each message as it arrives."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.05)
-        self.received: list[tuple[float, dict[str, str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().split("\n"))
-            self.received.append((time.monotonic(), fields))
-
-    def messages(self, settle_s: float = 0.1) -> list[dict[str, str]]:
-        time.sleep(settle_s)
-        return [m for _, m in self.received]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
-
 @pytest.fixture
-def fake_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSystemd]:
+def fake_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
     path = str(tmp_path / "notify")
-    server = FakeSystemd(path)
+    server = NotifySocket(path)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
@@ -57,7 +25,7 @@ def fake_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fa
     server.close()
 
 
-def test_each_message_arrives_as_one_datagram_in_order(fake_systemd: FakeSystemd) -> None:
+def test_each_message_arrives_as_one_datagram_in_order(fake_systemd: NotifySocket) -> None:
     assert systemd.ready("3 workers up")
     assert systemd.status("ok\nwith a newline")
     assert systemd.watchdog()
@@ -68,7 +36,7 @@ def test_each_message_arrives_as_one_datagram_in_order(fake_systemd: FakeSystemd
     assert systemd.extend_timeout(12.5)
     assert systemd.stopping()
 
-    got = fake_systemd.messages()
+    got = fake_systemd.messages(settle_s=0.1)
     assert got[0] == {"READY": "1", "STATUS": "3 workers up"}
     assert got[1] == {"STATUS": "ok with a newline"}  # a newline cannot inject READY=1
     assert got[2] == {"WATCHDOG": "1"}
@@ -79,11 +47,11 @@ def test_each_message_arrives_as_one_datagram_in_order(fake_systemd: FakeSystemd
 
 def test_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"genworker-test-{os.getpid()}-{time.monotonic_ns()}"
-    server = FakeSystemd("\0" + name)
+    server = NotifySocket("\0" + name)
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
     try:
         assert systemd.ready()
-        assert server.messages() == [{"READY": "1"}]
+        assert server.messages(settle_s=0.1) == [{"READY": "1"}]
     finally:
         server.close()
 
@@ -99,10 +67,10 @@ def test_without_systemd_nothing_is_sent_and_nothing_raises(
     assert systemd.stopping() is False
 
 
-def test_a_newline_in_a_raw_line_is_refused(fake_systemd: FakeSystemd) -> None:
+def test_a_newline_in_a_raw_line_is_refused(fake_systemd: NotifySocket) -> None:
     with pytest.raises(ValueError, match="newline"):
         systemd.notify("STATUS=a\nREADY=1")
-    assert fake_systemd.messages() == []
+    assert fake_systemd.messages(settle_s=0.1) == []
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_the_main_pid(
@@ -123,12 +91,12 @@ def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_the_main_pid(
         assert systemd.watchdog_interval_s() is None
 
 
-def _pings_between(server: FakeSystemd, start: float, end: float) -> int:
+def _pings_between(server: NotifySocket, start: float, end: float) -> int:
     return sum(1 for t, m in server.received if "WATCHDOG" in m and start < t < end)
 
 
 def test_notifier_pings_while_healthy_and_stops_when_the_loop_blocks(
-    fake_systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
+    fake_systemd: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "100000")  # ping every 50 ms
     marks: dict[str, float] = {}
@@ -158,7 +126,7 @@ def test_notifier_pings_while_healthy_and_stops_when_the_loop_blocks(
 
 
 def test_notifier_withholds_pings_while_unhealthy_but_keeps_the_status(
-    fake_systemd: FakeSystemd,
+    fake_systemd: NotifySocket,
 ) -> None:
     healthy = True
 
@@ -184,7 +152,7 @@ def test_notifier_withholds_pings_while_unhealthy_but_keeps_the_status(
 
 
 def test_a_failing_status_function_does_not_stop_the_pings(
-    fake_systemd: FakeSystemd, caplog: pytest.LogCaptureFixture
+    fake_systemd: NotifySocket, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken() -> str:
         raise RuntimeError("bug")
@@ -202,7 +170,7 @@ def test_a_failing_status_function_does_not_stop_the_pings(
     assert "building the STATUS line failed" in caplog.text
 
 
-def test_notifier_returns_promptly_when_stopped(fake_systemd: FakeSystemd) -> None:
+def test_notifier_returns_promptly_when_stopped(fake_systemd: NotifySocket) -> None:
     async def main() -> float:
         stop = asyncio.Event()
         notifier = systemd.Notifier(status_interval_s=60)
