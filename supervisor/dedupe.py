@@ -150,8 +150,12 @@ class CacheGate:
                 back.extend(self.followers.pop(k, []))
         return back
 
-    def held(self) -> list[Job]:
-        """Every follower still waiting (to give back at shutdown)."""
+    def waiting(self) -> int:
+        """How many followers wait for a leader (a reading: changes nothing)."""
+        return sum(map(len, self.followers.values()))
+
+    def take_all(self) -> list[Job]:
+        """Every follower still waiting, taken out of the gate (to give back at shutdown)."""
         out = [j for js in self.followers.values() for j in js]
         for j in out:
             self.keys.pop(j.job_id, None)

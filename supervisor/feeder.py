@@ -550,10 +550,8 @@ class Feeder:
         self.buffer.clear()
         self.suspects.clear()
         if self.gate is not None:
-            jobs += self.gate.held()
+            jobs += self.gate.take_all()
         return await self.release(jobs, None)
-
-    # ------------------------------------------------------ leases and reaper
 
 
 async def _first(*events: asyncio.Event) -> None:

@@ -212,10 +212,10 @@ def collect_node(m: GenworkerMetrics, node: Node, feeder: Any) -> None:
     m.leases_renewed.set_total(st.renewed)
     m.leases_expired.set_total(st.reaped)
     held = sum(len(h.jobs) for h in node.live_handles())
-    gate = feeder.gate.held() if feeder.gate is not None else []
+    waiting = feeder.gate.waiting() if feeder.gate is not None else 0
     m.jobs_in_flight.replace(
         {
-            ("buffer",): len(feeder.buffer) + len(getattr(feeder, "suspects", ())) + len(gate),
+            ("buffer",): len(feeder.buffer) + len(feeder.suspects) + waiting,
             ("workers",): held,
             ("writing",): len(feeder.pending),
         }

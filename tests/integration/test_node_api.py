@@ -1,5 +1,6 @@
 """A real node against the simulated API: the host-wide rate limit, a bad key pausing the
-claims, the cache and merging that skip the API, and start-up sweeping half-written files."""
+claims, the cache and merging that skip the API (with /metrics scraped meanwhile), and
+start-up sweeping half-written files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 
 import psycopg
 import pytest
+from ops_support import http_address, scrape
 from supervisor_harness import (
     Launcher,
     jobs,
@@ -81,7 +83,9 @@ def test_the_cache_and_merging_make_identical_requests_cost_one_call(
         cache = "postgres"
     prompt = f"a lighthouse {backend} {os.getpid()} {time.time()}"  # fresh keys for Redis
     sim = launch.sim(latency_ms=100)
-    node = launch.node(sim, f"test-cache-{backend}", "--cache", cache, workers=2)
+    node = launch.node(
+        sim, f"test-cache-{backend}", "--cache", cache, "--http", "127.0.0.1:0", workers=2
+    )
     node.wait_workers(2)
     first = client.submit_many([{"plan": "start", "params": {"prompt": prompt}}] * 2)
     wait_all_finished(conn, 60)
@@ -96,6 +100,19 @@ def test_the_cache_and_merging_make_identical_requests_cost_one_call(
             j.result["sha256"] for j in client.get(first[0], jobs=True).jobs
         }
     assert all(j.result.get("cached") for j in client.get(again, jobs=True).jobs)
+
+    # twins claimed in one batch wait for their leader; scraping /metrics meanwhile (it
+    # counts them) must not take them away from the node
+    address = http_address(node)
+    twins = client.submit_many([{"plan": "free", "params": {"prompt": prompt + "!"}}] * 20)
+    deadline = time.monotonic() + 60
+    while sum(status_counts(conn).get(s, 0) for s in ("succeeded", "dead")) < 130:
+        assert time.monotonic() < deadline, status_counts(conn)
+        scrape(address)
+        time.sleep(0.01)
+    assert sim.stats()["total"] == 32
+    merged = [j for t in twins for j in client.get(t, jobs=True).jobs if j.result.get("merged")]
+    assert merged, "no twin waited for its leader: the scrapes were not tested"
 
 
 def test_start_sweeps_files_half_written_by_killed_workers(launch: Launcher) -> None:
