@@ -127,7 +127,7 @@ class Arbiter:
         self.tasks.spawn(self.signal_loop(), "signals")
         self.tasks.spawn(self.monitor_loop(), "monitor")
         self.tasks.spawn(self.feeder.claim_loop(), "claim")
-        self.tasks.spawn(self.feeder.write_loop(self.stop_event), "write", critical=False)
+        self.tasks.spawn(self.feeder.write_loop(self.stop_event), "write")
         self.tasks.spawn(upkeep.lease_loop(self.feeder, self.stop_event, self.node_info), "lease")
         self.tasks.spawn(upkeep.reap_loop(self.feeder, self.stop_event), "reaper")
         self.tasks.spawn(self.feeder.listener.run(self.stop_event), "listen")

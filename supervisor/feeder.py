@@ -27,7 +27,7 @@ from .buffer import UrgencyBuffer
 from .cache import open_cache
 from .config import Settings
 from .dedupe import CacheGate
-from .model import Job, Outcome, OutcomeKind
+from .model import Job, Outcome, OutcomeKind, unstorable
 from .queue import Listener, Queue, retry_delay_s
 
 log = logging.getLogger("genworker.feeder")
@@ -467,9 +467,10 @@ class Feeder:
                     await asyncio.wait_for(_first(self.write_wake, stop), WRITE_GATHER_S)
             batch = self.pending[:WRITE_BATCH]
             del self.pending[:WRITE_BATCH]
-            outcomes = [o if o.kind is OutcomeKind.OK else self._with_delay(o, a) for o, a in batch]
             try:
-                done = await self.queue.complete(outcomes)
+                done = await self.queue.complete(
+                    [o if o.kind is OutcomeKind.OK else self._with_delay(o, a) for o, a in batch]
+                )
             except DB_ERRORS as e:
                 self.db_failed("complete", e)
                 self.pending[:0] = batch  # keep them, oldest first, and try again
@@ -481,6 +482,11 @@ class Feeder:
                 # its jobs ran; the shutdown must see them pending and not give them back.
                 self.pending[:0] = batch
                 raise
+            except Exception as e:  # the database is well but refused what the batch holds
+                self.pending[:0] = self._storable(batch, e)
+                await self._retry_pause(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             backoff = 0.1
             self.db_answered()
             self._count(done.applied.values(), len(done.stale))
@@ -490,6 +496,33 @@ class Feeder:
                 log.info(
                     "%d outcomes refused: this node no longer owned those jobs", len(done.stale)
                 )
+
+    def _storable(
+        self, batch: list[tuple[Outcome, int]], error: Exception
+    ) -> list[tuple[Outcome, int]]:
+        """The batch with each outcome PostgreSQL cannot store (a NaN or a NUL from a
+        handler, say) turned into that job's death, so one bad result never holds up
+        the others' writes."""
+        out, refused = [], 0
+        for o, attempt in batch:
+            why = unstorable([o.result, o.error])
+            if why is not None:
+                refused += 1
+                log.warning(
+                    "job %d: its outcome cannot be stored (%s); it goes dead", o.job_id, why
+                )
+                o = Outcome(
+                    o.job_id, o.token, OutcomeKind.DEAD, error=f"outcome not storable: {why}"
+                )
+            out.append((o, attempt))
+        if not refused:
+            log.error(
+                "writing %d outcomes failed (%s: %s); trying again",
+                len(batch),
+                type(error).__name__,
+                error,
+            )
+        return out
 
     def _with_delay(self, o: Outcome, attempt: int) -> Outcome:
         base, cap = self.settings.retry_base_s, self.settings.retry_max_s

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from .config import ConfigError, Settings
-from .model import Job, PermanentError
+from .model import Job, PermanentError, unstorable
 
 Handler = Callable[[Job, aiohttp.ClientSession], Awaitable[dict[str, Any]]]
 
@@ -48,19 +47,17 @@ def _is_async_callable(obj: Any) -> bool:
 
 
 def checked(kind: str, handler: Handler) -> Handler:
-    """Wrap a handler so a result that is not a JSON-able dict fails that job, not the worker."""
+    """Wrap a handler so a result that is not a storable JSON dict fails that job, not the
+    worker (nor the node's write of the other jobs' outcomes)."""
 
     @functools.wraps(handler)
     async def run(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
         result = await handler(job, session)
         if not isinstance(result, dict):
             raise PermanentError(f"handler {kind} returned {type(result).__name__}, not a dict")
-        try:
-            json.dumps(result)
-        except (TypeError, ValueError) as e:
-            raise PermanentError(
-                f"handler {kind} returned a result that is not JSON: {e}"
-            ) from None
+        why = unstorable(result)
+        if why is not None:
+            raise PermanentError(f"handler {kind} returned a result that cannot be stored: {why}")
         return result
 
     return run

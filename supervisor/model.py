@@ -8,6 +8,7 @@ Nothing here imports the database or the HTTP client, so both sides of a fork
 from __future__ import annotations
 
 import enum
+import json
 from typing import Any, NamedTuple, NewType
 
 JobId = NewType("JobId", int)
@@ -100,3 +101,25 @@ class PermanentError(JobError):
     """Retrying cannot help (400/404/422, bad key, no quota, garbage answer)."""
 
     outcome = OutcomeKind.DEAD
+
+
+def unstorable(value: object) -> str | None:
+    """Why PostgreSQL's jsonb would refuse this value (a result, an outcome's parts), else
+    None: NaN and Infinity are not JSON, a lone surrogate is not UTF-8, jsonb has no NUL."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+        return f"not JSON ({type(e).__name__}: {e})"
+    if _has_nul(value):
+        return "a NUL character"
+    return None
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,11 +43,19 @@ def retry_delay_s(
     (capped), else backoff with jitter. None for outcomes that do not wait."""
     if outcome.kind not in (OutcomeKind.RETRY, OutcomeKind.SNOOZE):
         return None
-    if outcome.retry_after_s is not None:
-        return min(max(outcome.retry_after_s, 0.0), max(max_s, 1.0))
+    asked = _seconds(outcome.retry_after_s)
+    if asked is not None:
+        return min(max(asked, 0.0), max(max_s, 1.0))
     if outcome.kind is OutcomeKind.SNOOZE:
         return (rng or random).uniform(0.5, 1.5) * max(base_s, 0.5)
     return backoff_s(attempt, base_s, max_s, rng)
+
+
+def _seconds(value: object) -> float | None:
+    """A delay a handler asked for, if it is a finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def completion_params(outcomes: Sequence[Outcome], snooze_max_s: float) -> dict[str, Any]:

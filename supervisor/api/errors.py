@@ -20,6 +20,7 @@ RETRY_AFTER_CAP_S = 60.0  # one 429 never snoozes longer; the queue's snooze bud
 DEFAULT_RATE_LIMIT_WAIT_S = 1.0  # a 429 that names no wait
 MAX_REASON_CHARS = 240
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # NUL cannot be stored; the rest break a line
 _SK_TOKEN = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{3,}")
 _BEARER = re.compile(r"(?i)\bbearer\s+\S+")
 _MASKED = re.compile(r"\S*\*{3,}\S*")  # "abcd****wxyz": a masked key is still a key's shape
@@ -45,7 +46,9 @@ def tag(err: JobError, *, status: int | None = None, cause: str | None = None) -
 
 
 def scrub(text: str, key: str | None = None) -> str:
-    """One short line with the key, any sk-... token, bearer token or masked key removed."""
+    """One short line of valid text (no control characters, no lone surrogate) with the
+    key, any sk-... token, bearer token or masked key removed."""
+    text = _CONTROL.sub(" ", text).encode("utf-8", "replace").decode()
     line = " ".join(text.split())
     if key:
         line = line.replace(key, "***")

@@ -47,6 +47,11 @@ def test_retry_after_is_honoured_and_capped() -> None:
     assert 0.5 * BASE_S <= snooze <= 1.5 * BASE_S
     assert delay(OutcomeKind.OK, None) is None
     assert delay(OutcomeKind.DEAD, 5) is None
+    # a handler's wait that is not a finite number of seconds is ignored: backoff instead
+    for bad in (float("nan"), float("inf"), "5", True):
+        wait = delay(OutcomeKind.RETRY, bad)  # type: ignore[arg-type]
+        assert wait is not None
+        assert 0 <= wait <= BASE_S
 
 
 # ------------------------------------------------------------ in the database

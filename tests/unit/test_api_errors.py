@@ -14,7 +14,7 @@ from supervisor.api.errors import (
     retry_after_s,
     scrub,
 )
-from supervisor.model import OutcomeKind, PermanentError, RateLimited, TransientError
+from supervisor.model import OutcomeKind, PermanentError, RateLimited, TransientError, unstorable
 
 KEY = "sk-test-SECRET123"
 NOW = 1_700_000_000.0
@@ -92,6 +92,12 @@ def test_scrub_makes_one_short_line() -> None:
     out = scrub("line one\nline two " + "x" * 1000)
     assert "\n" not in out
     assert len(out) <= 240
+
+
+def test_scrub_leaves_text_postgresql_can_store() -> None:
+    out = scrub("refused\x00 because\x1b[31m \ud800 of policy")
+    assert out == "refused because [31m ? of policy"
+    assert unstorable(out) is None
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,12 @@ async def not_a_dict(job, session):
 async def not_json(job, session):
     return {"when": object()}
 
+async def not_a_number(job, session):
+    return {"score": float("nan")}
+
+async def with_nul(job, session):
+    return {"text": "a\\x00b"}
+
 def sync_one(job, session):
     return {}
 
@@ -106,3 +112,13 @@ def test_a_handler_returning_a_non_dict_fails_its_job(plugin: str) -> None:
         run(handlers["bad"])
     with pytest.raises(PermanentError, match="not JSON"):
         run(handlers["obj"])
+
+
+def test_a_result_postgresql_cannot_store_fails_its_job(plugin: str) -> None:
+    handlers = load_handlers(
+        Settings(handlers=(f"nan={plugin}:not_a_number", f"nul={plugin}:with_nul"))
+    )
+    with pytest.raises(PermanentError, match="cannot be stored: not JSON"):
+        run(handlers["nan"])
+    with pytest.raises(PermanentError, match="cannot be stored: a NUL character"):
+        run(handlers["nul"])
