@@ -196,8 +196,10 @@ class Arbiter:
             raise
         finally:
             theirs.close()
-        h.chan = await ch.open_channel(
-            ours, functools.partial(self._on_message, h), functools.partial(self._on_closed, h)
+        h.attach(
+            await ch.open_channel(
+                ours, functools.partial(self._on_message, h), functools.partial(self._on_closed, h)
+            )
         )
         watcher = self.tasks.spawn(self._watch(h), f"watch worker {position}", critical=False)
         self.watchers.add(watcher)
@@ -250,7 +252,7 @@ class Arbiter:
                     if h.slot == slot and h.generation == gen:
                         h.pid = pid
                         self.by_pid[pid] = h
-                        if self.stopping and h.state is State.SPAWNING:
+                        if self.stopping and h.ready_at is None:
                             self.kill(h, signal.SIGTERM)  # asked for before the stop
             elif msg[0] == "exited":
                 gone = self.by_pid.pop(msg[1], None)

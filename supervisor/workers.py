@@ -86,9 +86,18 @@ class WorkerHandle:
             return
         self.state = State.STOPPING
         self.stop_reason = reason
+        self._send_stop()
+
+    def attach(self, chan: ch.Channel) -> None:
+        """Its channel is open: a stop asked for while it was opening is sent now."""
+        self.chan = chan
+        if self.state is State.STOPPING:
+            self._send_stop()
+
+    def _send_stop(self) -> None:
         if self.chan is not None and not self.chan.closed:
             with contextlib.suppress(ConnectionError):  # it died: the watcher will see to it
-                self.chan.send((ch.STOP, reason))
+                self.chan.send((ch.STOP, self.stop_reason))
 
     def counter(self, index: int) -> float:
         return self.view[index]
