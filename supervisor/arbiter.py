@@ -29,7 +29,7 @@ from .model import Job
 from .shutdown import shut_down
 from .tasks import TaskOwner
 from .worker import EXIT_BOOT, EXIT_RECYCLE
-from .workers import Position, State, WorkerHandle
+from .workers import BOOT_TIMEOUT_S, Position, State, WorkerHandle
 from .zygote import ZygoteHandle, describe_exit
 
 log = logging.getLogger("genworker.arbiter")
@@ -42,7 +42,6 @@ EXIT_CRASH_LOOP = 6  # every worker keeps dying: let systemd's restart policy ta
 MONITOR_S = 0.25
 KILL_GRACE_S = 2.0
 CHANNEL_EOF_S = 1.0  # after a worker's exit, how long its channel may take to deliver the rest
-BOOT_TIMEOUT_S = 60.0
 
 
 class Arbiter:
@@ -322,10 +321,9 @@ class Arbiter:
     def _running_ids(self, h: WorkerHandle) -> set[int] | None:
         """The jobs a (dead) worker was running, from its slot; None when it did not keep
         the list (concurrency above the slot's room: then every held job counts)."""
-        if self.settings.concurrency > ch.RUNNING_PLACES:
+        if h.max_limit > ch.RUNNING_PLACES:  # its own concurrency: a HUP may have changed ours
             return None
-        view = self.block.slot(h.slot)
-        places = view[ch.RUNNING0 : ch.RUNNING0 + ch.RUNNING_PLACES]
+        places = h.view[ch.RUNNING0 : ch.RUNNING0 + ch.RUNNING_PLACES]
         return {int(v) for v in places.tolist() if v > 0}
 
     def _retire(self, h: WorkerHandle) -> list[Job]:

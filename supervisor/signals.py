@@ -18,14 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from .workers import State
+from .workers import BOOT_TIMEOUT_S, State
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter
 
 log = logging.getLogger("genworker.arbiter")
-
-BOOT_TIMEOUT_S = 60.0  # how long a HUP waits for each replacement to be ready
 
 
 async def signal_loop(a: Arbiter) -> None:
@@ -92,8 +90,10 @@ async def _replace_all(a: Arbiter) -> None:
         a.zygote.send_settings(new)
     if a.hooks is not None:
         a.hooks.reloading()
-    log.info("HUP: replacing %d workers one at a time", len(a.live_handles()))
-    for old in [h for h in a.live_handles() if h.state is State.READY]:
+    # positions past a lowered worker count are not replaced: _keep_positions stops them
+    replace = [h for h in a.live_handles() if h.state is State.READY and h.position < a.target]
+    log.info("HUP: replacing %d workers one at a time", len(replace))
+    for old in replace:
         if a.stopping:
             return
         old.ask_stop("reload")

@@ -20,6 +20,9 @@ FAST_CALL_S = 0.25
 FAST_CALLS_SEEN = 20
 
 
+BOOT_TIMEOUT_S = 60.0  # a worker not ready by then is killed; a HUP waits this long for each
+
+
 class State(enum.StrEnum):
     SPAWNING = "spawning"  # asked the zygote for it, not ready yet
     READY = "ready"  # takes jobs

@@ -176,14 +176,14 @@ class Node:
         node_id: str,
         workdir: Path,
         *args: str,
-        workers: int = 2,
+        workers: int | None = 2,  # None: no flag (a config file may set it)
         lease_s: float = 3,
         env: dict[str, str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.log_path = workdir / f"{node_id}.log"
         self.output_dir = workdir / "out"
-        cmd = [GENWORKER, "start", "--workers", str(workers)]
+        cmd = [GENWORKER, "start", *(["--workers", str(workers)] if workers else [])]
         cmd += ["--api-url", api_url] if api_url else []  # none: the node runs its own sim
         cmd += ["--node-id", node_id, "--lease", str(lease_s), "--http", ""]
         cmd += ["--output-dir", str(self.output_dir), *args]

@@ -134,6 +134,30 @@ def test_hup_replaces_every_worker_without_losing_or_repeating_a_job(
     assert "died" not in node.log()
 
 
+def test_a_hup_that_lowers_the_worker_count_replaces_only_those_that_stay(
+    launch: Launcher, client: Client, conn: psycopg.Connection
+) -> None:
+    config = launch.workdir / "genworker.toml"
+    config.write_text("workers = 3\n")
+    sim = launch.sim(latency_ms=300)
+    node = launch.node(sim, "test-hup-fewer", "--config", str(config), workers=None)
+    for _ in range(3):
+        client.submit("start", "a curlew")
+    old = set(node.wait_workers(3).values())
+
+    config.write_text("workers = 1\n")
+    node.signal(signal.SIGHUP)
+    # a worker past the new count is stopped, not waited for (that took 60 s a worker)
+    wait_for(lambda: "every worker replaced" in node.log(), "the reload", 20)
+    wait_for(lambda: len(node.workers()) == 1, "one worker left", 20)
+    assert not set(node.workers().values()) & old
+
+    wait_all_finished(conn, 90, timeout_s=90)
+    assert status_counts(conn) == {"succeeded": 90}
+    assert_each_called_once(sim.calls(), jobs(conn))
+    assert "died" not in node.log()
+
+
 def test_ttin_and_ttou_change_the_worker_count_under_load(
     launch: Launcher, client: Client, conn: psycopg.Connection
 ) -> None:
