@@ -154,6 +154,9 @@ class CacheGate:
         """How many followers wait for a leader (a reading: changes nothing)."""
         return sum(map(len, self.followers.values()))
 
+    def waiting_ids(self) -> list[int]:
+        return [j.job_id for js in self.followers.values() for j in js]
+
     def take_all(self) -> list[Job]:
         """Every follower still waiting, taken out of the gate (to give back at shutdown)."""
         out = [j for js in self.followers.values() for j in js]

@@ -73,19 +73,14 @@ class FeederStats:
     claimed: int = 0
     succeeded: int = 0
     retried: int = 0
-    snoozed: int = 0
     dead: int = 0
     cancelled: int = 0
-    stale: int = 0
     released: int = 0
     renewed: int = 0
     reaped: int = 0
-    pruned: int = 0
     claims: int = 0
     writes: int = 0
-    db_errors: int = 0
     first_claim_at: float | None = None
-    last_write_at: float | None = None
     by_status: dict[str, int] = field(default_factory=dict)
 
 
@@ -122,7 +117,6 @@ class Feeder:
         on_alarm: Callable[[str, str], None],
     ) -> None:
         self.settings = settings
-        self.dsn = dsn
         self.node = node
         self.holders = holders
         self.on_alarm = on_alarm
@@ -149,6 +143,7 @@ class Feeder:
         self.suspects: deque[Job] = deque()
         self.reserved: Holder | None = None  # drained of other work to take a suspect
         self.pending: list[tuple[Outcome, int]] = []
+        self.writing: list[tuple[Outcome, int]] = []  # the batch being written now
         self.stats = FeederStats()
         self.rate = Rate()
         self.wake = asyncio.Event()  # claim: NOTIFY, poll timer, or slots freed
@@ -159,7 +154,6 @@ class Feeder:
         self._resume: asyncio.TimerHandle | None = None
         self.probe = False  # after a pause, one job at a time until one succeeds
         self.db_ok = False
-        self.db_error: str | None = None
         self.db_problem = "unreachable"  # what is wrong while db_ok is False
         self.db_back = asyncio.Event()  # set while the database answers: ends retry pauses
         self.live_nodes = 1
@@ -191,7 +185,6 @@ class Feeder:
         await self.pool.close()
 
     def db_failed(self, what: str, e: BaseException) -> None:
-        self.stats.db_errors += 1
         if isinstance(e, PoolTimeout):
             problem = (
                 f"pool exhausted (all {self.settings.db_pool_size} connections busy "
@@ -210,14 +203,12 @@ class Feeder:
             )
         self.db_ok = False
         self.db_problem = problem
-        self.db_error = f"{what}: {type(e).__name__}"
         self.db_back.clear()
 
     def db_answered(self) -> None:
         if not self.db_ok:
             log.info("database reachable again")
         self.db_ok = True
-        self.db_error = None
         self.db_back.set()
 
     async def _retry_pause(self, seconds: float) -> None:
@@ -303,6 +294,21 @@ class Feeder:
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
 
+    def held_ids(self) -> list[int]:
+        """Every job this node holds: buffered, with a worker, waiting for a running twin,
+        or with its outcome not yet written. Only these leases are renewed: a job the
+        node lost track of (a claim whose answer never came back, a release that failed)
+        expires and goes back to the queue instead of being kept forever."""
+        ids = [j.job_id for j in self.buffer]
+        ids += [j.job_id for j in self.suspects]
+        for h in self.holders():
+            ids += h.jobs
+        if self.gate is not None:
+            ids += self.gate.waiting_ids()
+        ids += [o.job_id for o, _ in self.pending]
+        ids += [o.job_id for o, _ in self.writing]
+        return ids
+
     def _claim_size(self) -> int:
         if self.queue_empty or time.monotonic() < self.paused_until:
             return 0
@@ -339,9 +345,10 @@ class Feeder:
             self.reserved = None  # nothing to drain a worker for any more
         if not self.buffer:
             return
-        frees = [(h.free_slots(), h) for h in self.holders() if h is not self.reserved]
+        holders = list(self.holders())
+        frees = [(h.free_slots(), h) for h in holders if h is not self.reserved]
         frees.sort(key=lambda fh: fh[0], reverse=True)
-        held = sum(len(h.jobs) for _, h in frees)
+        held = sum(len(h.jobs) for h in holders)  # the reserved worker's jobs count too
         room = len(self.buffer)
         cap = self.settings.api_max_inflight
         if cap:
@@ -467,6 +474,7 @@ class Feeder:
                     await asyncio.wait_for(_first(self.write_wake, stop), WRITE_GATHER_S)
             batch = self.pending[:WRITE_BATCH]
             del self.pending[:WRITE_BATCH]
+            self.writing = batch
             try:
                 done = await self.queue.complete(
                     [o if o.kind is OutcomeKind.OK else self._with_delay(o, a) for o, a in batch]
@@ -487,9 +495,11 @@ class Feeder:
                 await self._retry_pause(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            finally:
+                self.writing = []
             backoff = 0.1
             self.db_answered()
-            self._count(done.applied.values(), len(done.stale))
+            self._count(done.applied.values())
             if self.gate is not None:
                 await self.gate.store()
             if done.stale:
@@ -528,11 +538,9 @@ class Feeder:
         base, cap = self.settings.retry_base_s, self.settings.retry_max_s
         return o._replace(retry_after_s=retry_delay_s(o, attempt, base, cap, self.rng))
 
-    def _count(self, statuses: Iterable[str], stale: int) -> None:
+    def _count(self, statuses: Iterable[str]) -> None:
         s = self.stats
         s.writes += 1
-        s.stale += stale
-        s.last_write_at = time.monotonic()
         for st in statuses:
             s.by_status[st] = s.by_status.get(st, 0) + 1
             if st == "succeeded":

@@ -159,8 +159,9 @@ class Queue:
         """Give back whatever a previous life of this node id still holds."""
         return len(await self._rows("release_node", {"node": node}))
 
-    async def renew(self, node: str, lease_s: float) -> int:
-        rows = await self._rows("renew_leases", {"node": node, "lease_s": lease_s})
+    async def renew(self, node: str, lease_s: float, ids: list[int]) -> int:
+        """Extend the leases of these jobs, of those this node still owns; how many."""
+        rows = await self._rows("renew_leases", {"node": node, "lease_s": lease_s, "ids": ids})
         return int(rows[0][0])
 
     async def node_row(self, node: str) -> tuple[str, int, str, float] | None:

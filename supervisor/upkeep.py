@@ -28,7 +28,7 @@ async def lease_loop(f: Feeder, stop: asyncio.Event, info: Callable[[], dict[str
             await sleep_unless(stop, DB_PROBE_S)
             continue
         try:
-            f.stats.renewed += await f.queue.renew(f.node, f.settings.lease_s)
+            f.stats.renewed += await f.queue.renew(f.node, f.settings.lease_s, f.held_ids())
             f.live_nodes = await f.queue.heartbeat(f.node, sum(1 for _ in f.holders()), info())
             f.db_answered()
             share_rate(f)
@@ -66,7 +66,7 @@ async def reap_loop(f: Feeder, stop: asyncio.Event) -> None:
                 f.poke()
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
-                f.stats.pruned += await f.queue.prune(f.settings.retention_s, PRUNE_BATCH)
+                await f.queue.prune(f.settings.retention_s, PRUNE_BATCH)
         except DB_ERRORS as e:
             f.db_failed("reaper", e)
         await sleep_unless(stop, every)

@@ -259,13 +259,6 @@ class Worker:
                 job.job_id, job.token, OutcomeKind.RETRY, error=f"{type(e).__name__}: {e}"[:300]
             )
         self._observe(time.monotonic() - t0, None, ok=True)
-        if not isinstance(result, dict):
-            return Outcome(
-                job.job_id,
-                job.token,
-                OutcomeKind.DEAD,
-                error=f"handler returned {type(result).__name__}, not a dict",
-            )
         return Outcome(job.job_id, job.token, OutcomeKind.OK, result=result)
 
     def _observe(self, seconds: float, error: JobError | None, ok: bool = False) -> None:

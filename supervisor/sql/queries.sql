@@ -88,10 +88,12 @@ SELECT r.job_id, r.status
        genworker.release_jobs(held.ids, held.tokens, NULL, 1) r
 
 -- renew_leases --
--- Extend every lease a node holds, in one statement; returns how many.
+-- Extend the lease of every job a node holds (the ids it keeps track of), in one
+-- statement; returns how many. A job it lost track of is left to expire.
 WITH r AS (
     UPDATE genworker.jobs SET lease_expires = now() + make_interval(secs => %(lease_s)s)
-     WHERE status = 'running' AND lease_owner = %(node)s AND lease_expires IS NOT NULL
+     WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND lease_owner = %(node)s
+       AND lease_expires IS NOT NULL
     RETURNING 1
 ) SELECT count(*) AS renewed FROM r
 

@@ -101,10 +101,26 @@ def test_renewal_extends_only_the_nodes_own_leases(
         [a] = q.claim("node-a", 1, 30)
         [b] = q.claim("node-b", 1, 30)
         expire_leases(conn)
-        assert q.renew("node-a", 30) == 1
+        assert q.renew("node-a", 30, [a.job_id, b.job_id]) == 1
         assert q.reap(60).requeued == 1
     assert job_row(conn, a.job_id)["status"] == "running"
     assert job_row(conn, b.job_id)["status"] == "queued"
+
+
+def test_a_job_its_node_lost_track_of_is_not_renewed_and_comes_back(
+    dsn: str, conn: psycopg.Connection, client: Client
+) -> None:
+    """A claim whose answer never reached the node, or a release that failed: the node
+    still owns the row but holds no such job. Renewing by owner alone kept it running
+    forever; renewing what the node holds lets it expire and run again."""
+    client.submit("free", "two geese")
+    with sync_queue(dsn) as q:
+        held, lost = q.claim("node-a", 2, 30)
+        expire_leases(conn)
+        assert q.renew("node-a", 30, [held.job_id]) == 1
+        assert q.reap(60).requeued == 1
+    assert job_row(conn, held.job_id)["status"] == "running"
+    assert job_row(conn, lost.job_id)["status"] == "queued"
 
 
 def test_release_gives_jobs_back_and_a_dead_worker_counts_a_death(
