@@ -291,7 +291,8 @@ def mask_dsn(dsn: str) -> str:
     except ValueError:
         return "<unparseable DSN>"
     if parts.password is None:
-        return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+        # key=value form; a quoted value may hold spaces
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
 

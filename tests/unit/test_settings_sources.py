@@ -80,3 +80,19 @@ def test_the_readmes_toml_example_is_valid(tmp_path: Path) -> None:
     assert all(
         src.startswith("file") for name, src in sources.items() if name in ("workers", "api_url")
     )
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://gw:s3cret@db/gw", "postgresql://gw:***@db/gw"),
+        ("host=db password=s3cret user=gw", "host=db password=*** user=gw"),
+        ("host=db password = 's3cret' user=gw", "host=db password = *** user=gw"),
+        ("host=db password='correct horse battery' user=gw", "host=db password=*** user=gw"),
+        (r"host=db password='it\'s a secret' user=gw", "host=db password=*** user=gw"),
+        ("postgresql://gw@db/gw?password=s3cret", "postgresql://gw@db/gw?password=***"),
+        ("host=db user=gw", "host=db user=gw"),
+    ],
+)
+def test_a_dsn_is_shown_without_any_piece_of_its_password(dsn: str, shown: str) -> None:
+    assert config.mask_dsn(dsn) == shown
