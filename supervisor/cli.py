@@ -47,6 +47,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def task_id(text: str) -> int:
+    """A task id as argparse reads it: a positive whole number that fits a bigint."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id (a whole number)") from None
+    if not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is not a task id (1 to 2^63-1)")
+    return value
+
+
 def _setting_help(name: str) -> str:
     f = FIELDS[name]
     default = display_value(
@@ -96,7 +107,7 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
         p.add_argument("--json", action="store_true", help=json_help)
     elif name in ("show", "cancel", "retry"):
-        p.add_argument("task_id", type=int, metavar="TASK", help="task id")
+        p.add_argument("task_id", type=task_id, metavar="TASK", help="task id")
         p.add_argument("--json", action="store_true", help=json_help)
     elif name == "tasks":
         p.add_argument(
@@ -185,7 +196,12 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("sim_args", nargs=argparse.REMAINDER)
             continue
         p = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks on errors",
+        )
         _add_command_args(name, p)
         _add_settings(p, name)
     return parser

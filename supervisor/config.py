@@ -40,6 +40,9 @@ DEFAULT_PLANS: tuple[Plan, ...] = (
 )
 
 
+CENTURY_S = 100 * 365 * 86400.0  # a bound for ages and TTLs PostgreSQL can add to now()
+
+
 def _opt(
     default: Any,
     help: str,
@@ -165,7 +168,11 @@ class Settings:
         cmds="start,migrate,config,demo",
     )
     retention_s: float = _opt(
-        7 * 86400.0, "prune finished tasks older than this", lo=0, cmds="start,prune,config"
+        7 * 86400.0,
+        "prune finished tasks older than this",
+        lo=0,
+        hi=CENTURY_S,
+        cmds="start,prune,config",
     )
     db_pool_size: int = _opt(
         4, "supervisor DB connections (besides the listener)", lo=1, hi=100, cmds=_RUN
@@ -201,7 +208,9 @@ class Settings:
     cache: str | None = _opt(
         None, "result cache: postgres or redis://host:port/db (off when unset)", cmds=_API
     )
-    cache_ttl_s: float = _opt(86400.0, "how long cached results stay valid", lo=1, cmds=_API)
+    cache_ttl_s: float = _opt(
+        86400.0, "how long cached results stay valid", lo=1, hi=CENTURY_S, cmds=_API
+    )
     handlers: tuple[str, ...] = _opt((), "extra job kinds as kind=pkg.module:func,...", cmds=_API)
     # --- operations
     http: str = _opt("127.0.0.1:9464", "metrics/health address host:port ('' disables)", cmds=_RUN)

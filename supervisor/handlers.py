@@ -25,7 +25,7 @@ from .model import Job, PermanentError, unstorable
 
 Handler = Callable[[Job, aiohttp.ClientSession], Awaitable[dict[str, Any]]]
 
-_KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # what genworker.submit_task accepts
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -91,7 +91,9 @@ def parse_entry(entry: str) -> tuple[str, str]:
     if not sep or not kind or not target:
         raise ConfigError(f"bad handler {entry!r}: write kind=pkg.module:func")
     if not _KIND.match(kind):
-        raise ConfigError(f"bad handler kind {kind!r}: use lowercase letters, digits, _ . -")
+        raise ConfigError(
+            f"bad handler kind {kind!r}: a lowercase letter, then up to 31 of a-z, 0-9, _"
+        )
     return kind, target
 
 

@@ -164,11 +164,14 @@ def test_errors_on_a_real_database_are_one_line_too(dsn: str, empty_dsn: str) ->
 
 
 def test_debug_shows_the_traceback() -> None:
-    done = run(
-        ["status", "--debug", "--database-url", "postgresql://u@127.0.0.1:1/x"], env_for(None)
-    )
-    assert done.returncode != 0
-    assert "Traceback" in done.stderr
+    unreachable = ["--database-url", "postgresql://u@127.0.0.1:1/x"]
+    # after the command or before it: the sub-command's own flag must not hide the other
+    for args in (["status", "--debug", *unreachable], ["--debug", "status", *unreachable]):
+        done = run(args, env_for(None))
+        assert done.returncode != 0
+        assert "Traceback" in done.stderr, args
+    done = run(["status", *unreachable], env_for(None))
+    assert "Traceback" not in done.stderr
 
 
 def test_a_port_in_use_is_one_line() -> None:

@@ -86,6 +86,9 @@ def test_dotted_path_handlers_load(plugin: str) -> None:
     [
         ("echo", "write kind=pkg.module:func"),
         ("Echo=x:y", "bad handler kind"),
+        ("my-kind=x:y", "bad handler kind"),  # submit_task would refuse every job of it
+        ("a.b=x:y", "bad handler kind"),
+        (f"{'k' * 33}=x:y", "bad handler kind"),
         ("x=no_such_module_gw:f", "cannot import no_such_module_gw"),
         ("x={plugin}:missing", "has no missing"),
         ("x={plugin}:sync_one", "not an async function"),
