@@ -109,8 +109,8 @@ async def store_image(
     except asyncio.CancelledError:
         stop.set()
         await asyncio.wait([writer])
-        if not writer.cancelled() and writer.exception() is not None:
-            writer.exception()  # retrieved: the _Stopped we asked for is expected
+        if not writer.cancelled():
+            writer.exception()  # retrieved (so never logged): the _Stopped we asked for
         raise
 
 
