@@ -309,12 +309,13 @@ class Arbiter:
                 len(jobs),
             )
         else:
-            self._record_death(h, reason, sig, progressed, lived_s, len(jobs))
-            if running is not None:  # those queued behind busy slots never started
-                waiting = [j for j in jobs if j.job_id not in running]
-                jobs = [j for j in jobs if j.job_id in running]
-                await self.feeder.release(waiting, None)
-            await self.feeder.release(jobs, reason)
+            # only the jobs it was running take a death: those queued behind its busy slots,
+            # or still on their way to it, never started
+            ran = [j for j in jobs if running is None or j.job_id in running]
+            self._record_death(h, reason, sig, progressed, lived_s, len(jobs), len(ran))
+            if len(ran) < len(jobs):
+                await self.feeder.release([j for j in jobs if j not in ran], None)
+            await self.feeder.release(ran, reason)
             return
         await self.feeder.release(jobs, None)  # not their fault: no death counted
 
@@ -354,17 +355,20 @@ class Arbiter:
         progressed: bool,
         lived_s: float,
         n_jobs: int,
+        n_running: int,
     ) -> None:
         pos = self.positions.setdefault(h.position, Position(h.position))
         delay = pos.record_death(progressed, lived_s=lived_s)
         key = "heartbeat_timeout" if h.kill_reason else ("signal" if sig else "exit")
         self.restarts_by_reason[key] = self.restarts_by_reason.get(key, 0) + 1
         log.warning(
-            "worker %d (pid %s) died: %s; %d jobs back in the queue; restarting in %.1fs%s",
+            "worker %d (pid %s) died: %s; %d jobs back in the queue (%d were running); "
+            "restarting in %.1fs%s",
             h.position,
             h.pid,
             reason,
             n_jobs,
+            n_running,
             delay,
             " (crash loop: held back, node degraded)" if pos.held_back else "",
         )

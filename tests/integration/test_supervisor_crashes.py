@@ -28,7 +28,7 @@ from supervisor.client import Client
 OK_HANDLERS = "ok=supervisor_handlers:ok,crash=supervisor_handlers:crash"
 DEATH = re.compile(
     r"^(\S+) WARNING genworker.arbiter: worker (\d+) \(pid \d+\) died: (.*?); "
-    r"(\d+) jobs back in the queue; restarting in ([\d.]+)s(.*)$",
+    r"(\d+) jobs back in the queue \((\d+) were running\); restarting in ([\d.]+)s(.*)$",
     re.M,
 )
 
@@ -39,7 +39,7 @@ def deaths_of(log: str, position: int) -> list[tuple[float, float, str]]:
     for m in DEATH.finditer(log):
         if int(m[2]) == position:
             t = datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
-            out.append((t, float(m[5]), m[3] + m[6]))
+            out.append((t, float(m[6]), m[3] + m[7]))
     return [(t - out[0][0], d, rest) for t, d, rest in out]
 
 
