@@ -50,6 +50,7 @@ class FakeFeeder:
     db_problem: str = "unreachable"
     stats: FeederStats = field(default_factory=FeederStats)
     buffer: list[Any] = field(default_factory=list)
+    suspects: list[Any] = field(default_factory=list)
     pending: list[Any] = field(default_factory=list)
     gate: Any = None
     live_nodes: int = 1
