@@ -529,8 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as e:
         p.error(str(e))
+    import uvloop  # the loop our nodes run on: the simulator costs the shared cores less
+
     try:
-        asyncio.run(_serve(config, args.host, args.port, args.announce))
+        uvloop.run(_serve(config, args.host, args.port, args.announce))
     except OSError as e:
         print(f"genworker sim-api: cannot listen on {args.host}:{args.port}: {e.strerror}")
         return 1
