@@ -107,23 +107,31 @@ def run_node(
     }
 
 
-@pytest.fixture
-def database() -> Any:
-    with fresh_database() as dsn:
-        yield dsn
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round of median throughput, with every round's jobs/s beside it: one round of
+    a few seconds on two shared cores swings by a third either way."""
+    ranked = sorted(runs, key=lambda r: r["jobs_per_s"])
+    return {
+        **ranked[len(ranked) // 2],
+        "jobs_per_s_rounds": [r["jobs_per_s"] for r in runs],
+        "cpu_s_per_1000_jobs_rounds": [r["cpu_s_per_1000_jobs"] for r in runs],
+    }
 
 
-def test_noop_jobs_end_to_end(benchmark: Any, database: str, tmp_path: Path) -> None:
-    """20,000 no-op jobs: the whole per-job overhead of the machinery."""
-    result: dict[str, Any] = {}
+def test_noop_jobs_end_to_end(benchmark: Any, tmp_path: Path) -> None:
+    """20,000 no-op jobs: the whole per-job overhead of the machinery (5 rounds, a fresh
+    node each; the median round is reported)."""
+    runs: list[dict[str, Any]] = []
 
     def run() -> None:
         # no-op jobs call no API; the URL only keeps the node from starting the simulator
-        result.update(
-            run_node(database, tmp_path, 20_000, "noop", {}, "--api-url", "http://127.0.0.1:9")
-        )
+        with fresh_database() as dsn:  # every round starts from the same empty queue
+            runs.append(
+                run_node(dsn, tmp_path, 20_000, "noop", {}, "--api-url", "http://127.0.0.1:9")
+            )
 
-    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    result = median_round(runs)
     benchmark.extra_info.update(result)
     write_result(RESULTS_FILE, "noop_20000_jobs", result)
     assert result["succeeded"] == 20_000
@@ -134,23 +142,22 @@ def test_noop_jobs_end_to_end(benchmark: Any, database: str, tmp_path: Path) -> 
     [("url", "http_50ms_4000_jobs"), ("b64_json", "http_50ms_4000_jobs_b64_files")],
     ids=["the call", "the call + a stored file"],
 )
-def test_http_jobs_at_50ms(
-    benchmark: Any, database: str, tmp_path: Path, response_format: str, key: str
-) -> None:
-    """4,000 jobs, each one call to a loopback server answering in 50 ms: ideal 800 jobs/s.
+def test_http_jobs_at_50ms(benchmark: Any, tmp_path: Path, response_format: str, key: str) -> None:
+    """4,000 jobs, each one call to a loopback server answering in 50 ms: ideal 800 jobs/s
+    (3 rounds, a fresh node and simulator each; the median round is reported).
 
     "the call": the answer is a URL, stored on the job (what the machinery costs).
     "the call + a stored file": the answer is a base64 PNG, decoded and written to a
     content-addressed file with fsync of the file and its directory (what a real image
     costs on this disk).
     """
-    result: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
 
     def run() -> None:
-        with sim_api("--latency-ms", "50", "--jitter-ms", "0") as url:
-            result.update(
+        with fresh_database() as dsn, sim_api("--latency-ms", "50", "--jitter-ms", "0") as url:
+            runs.append(
                 run_node(
-                    database,
+                    dsn,
                     tmp_path,
                     4_000,
                     "image",
@@ -162,7 +169,8 @@ def test_http_jobs_at_50ms(
                 )
             )
 
-    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    result = median_round(runs)
     ideal = WORKERS * SLOTS / 0.05
     result["ideal_jobs_per_s"] = ideal
     result["ratio_to_ideal"] = round(result["jobs_per_s"] / ideal, 3)
