@@ -71,6 +71,27 @@ def wait_until(predicate: Any, timeout_s: float, what: str, every_s: float = 0.0
     raise TimeoutError(f"{what}: not within {timeout_s:g}s")
 
 
+def wait_tasks_finished(conn: psycopg.Connection, n_tasks: int, timeout_s: float = 600) -> None:
+    """Until the database holds n_tasks finished tasks (the benchmark's whole batch)."""
+    finished = "SELECT count(*) FROM genworker.tasks WHERE finished_at IS NOT NULL"
+    wait_until(
+        lambda: conn.execute(finished).fetchone()[0] == n_tasks,  # type: ignore[index]
+        timeout_s,
+        "every task finished",
+        every_s=0.1,
+    )
+
+
+def job_span(conn: psycopg.Connection) -> tuple[Any, Any, int]:
+    """(first claim, last completion, jobs succeeded) over every job in the database."""
+    row = conn.execute(
+        "SELECT min(started_at), max(finished_at),"
+        " count(*) FILTER (WHERE status = 'succeeded') FROM genworker.jobs"
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1], int(row[2])
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 40) -> int | None:
     """TERM, wait, then KILL the whole process group."""
     if proc.poll() is None:

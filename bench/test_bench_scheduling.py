@@ -31,7 +31,17 @@ from supervisor.client import Client
 from supervisor.config import Settings
 from supervisor.model import Job, Outcome, OutcomeKind
 
-from .harness import RESULTS, CpuMeter, dbname, fresh_database, node, sim_api, wait_until
+from .harness import (
+    RESULTS,
+    CpuMeter,
+    dbname,
+    fresh_database,
+    job_span,
+    node,
+    sim_api,
+    wait_tasks_finished,
+    wait_until,
+)
 from .harness import write_result as _write_result
 from .queue_support import LoopQueue, load_tasks, timing_summary, vacuum_analyze
 from .scheduling_charts import completion_cdf_chart, scaling_chart
@@ -324,18 +334,9 @@ def _scaling_run(dsn: str, tmp: Path, workers: int, n_jobs: int) -> dict[str, An
             meter.begin(n.tree())
             with Client(dsn) as client, psycopg.connect(dsn, autocommit=True) as c:
                 client.submit_many(tasks)
-                finished = "SELECT count(*) FROM genworker.tasks WHERE finished_at IS NOT NULL"
-                wait_until(
-                    lambda: c.execute(finished).fetchone()[0] == len(tasks),  # type: ignore[index]
-                    600,
-                    "every task finished",
-                    every_s=0.1,
-                )
+                wait_tasks_finished(c, len(tasks))
                 cpu = meter.end(n.tree())
-                first, last, ok = c.execute(
-                    "SELECT min(started_at), max(finished_at),"
-                    " count(*) FILTER (WHERE status = 'succeeded') FROM genworker.jobs"
-                ).fetchone()  # type: ignore[misc]
+                first, last, ok = job_span(c)
     seconds = (last - first).total_seconds()
     ideal = workers * 5 / SCALING_L_S
     return {

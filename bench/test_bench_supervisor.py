@@ -27,9 +27,11 @@ from .harness import (
     CpuMeter,
     dbname,
     fresh_database,
+    job_span,
     node,
     rss_mb,
     sim_api,
+    wait_tasks_finished,
     wait_until,
     write_result,
 )
@@ -74,19 +76,9 @@ def run_node(
         meter.begin(n.tree())
         Client(dsn).submit_many(tasks)  # one transaction: all queued at once
         with psycopg.connect(dsn, autocommit=True) as c:
-            finished = "SELECT count(*) FROM genworker.tasks WHERE finished_at IS NOT NULL"
-            wait_until(
-                lambda: c.execute(finished).fetchone()[0] == len(tasks),
-                600,
-                "every task finished",
-                every_s=0.1,
-            )
+            wait_tasks_finished(c, len(tasks))
             cpu = meter.end(n.tree())
-            first, last, ok = c.execute(
-                "SELECT min(started_at), max(finished_at),"
-                " count(*) FILTER (WHERE status = 'succeeded')"
-                " FROM genworker.jobs"
-            ).fetchone()
+            first, last, ok = job_span(c)
         procs = n.tree()
         sup = rss_mb(procs[0])
         workers = [rss_mb(p) for p in n.workers()]
