@@ -18,10 +18,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from genworker.config import Settings
+from genworker.queue import schema
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-from supervisor import schema
-from supervisor.config import Settings
 
 from .queue_support import LoopQueue
 
@@ -108,7 +107,8 @@ def queue_summary(bench_admin_dsn: str) -> Iterator[dict[str, Any]]:
         )
         server = c.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
     summary: dict[str, Any] = {
-        "what": "genworker queue: claim + complete through supervisor.queue.Queue, one connection",
+        "what": "genworker queue: claim + complete through genworker.queue.store.Queue, "
+        "one connection",
         "command": "DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test "
         ".venv/bin/pytest bench/test_bench_queue.py --benchmark-json=/tmp/queue-raw.json",
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -23,14 +23,13 @@ from typing import Any
 
 import psutil
 import psycopg
+from genworker.config import Settings
+from genworker.queue import schema
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-from supervisor import schema
-from supervisor.config import Settings
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-GENWORKER = [sys.executable, "-m", "supervisor.cli"]
+GENWORKER = [sys.executable, "-m", "genworker.cli"]
 
 
 def admin_dsn() -> str:

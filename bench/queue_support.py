@@ -8,9 +8,8 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import psycopg
+from genworker.queue.store import Queue
 from psycopg_pool import AsyncConnectionPool
-
-from supervisor.queue import Queue
 
 T = TypeVar("T")
 

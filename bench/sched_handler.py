@@ -12,8 +12,8 @@ import os
 import time
 from typing import Any
 
-from supervisor.api.openai import ImageHandler
-from supervisor.config import build
+from genworker.api.openai import ImageHandler
+from genworker.config import build
 
 _image: ImageHandler | None = None
 

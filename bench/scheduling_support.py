@@ -22,9 +22,8 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from supervisor.client import Client
-from supervisor.demo.baseline import Latency, replay_old_design
+from genworker.demo.baseline import Latency, replay_old_design
+from genworker.queue.client import Client
 
 from .harness import node, sim_api, wait_until
 

@@ -16,8 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from supervisor.model import Job, Outcome, OutcomeKind
+from genworker.model import Job, Outcome, OutcomeKind
 
 from .queue_support import LoopQueue, load_tasks, timing_summary, vacuum_analyze
 

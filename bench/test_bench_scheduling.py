@@ -26,10 +26,9 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from supervisor.client import Client
-from supervisor.config import Settings
-from supervisor.model import Job, Outcome, OutcomeKind
+from genworker.config import Settings
+from genworker.model import Job, Outcome, OutcomeKind
+from genworker.queue.client import Client
 
 from .harness import (
     RESULTS,

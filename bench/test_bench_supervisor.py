@@ -20,8 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from supervisor.client import Client
+from genworker.queue.client import Client
 
 from .harness import (
     CpuMeter,

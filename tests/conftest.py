@@ -16,11 +16,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from genworker.config import Settings
+from genworker.queue import schema
+from genworker.queue.client import Client
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-from supervisor import schema
-from supervisor.client import Client
-from supervisor.config import Settings
 
 _counter = itertools.count()
 

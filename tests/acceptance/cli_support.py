@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-GENWORKER = [sys.executable, "-m", "supervisor.cli"]
+GENWORKER = [sys.executable, "-m", "genworker.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

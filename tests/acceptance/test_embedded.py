@@ -14,7 +14,7 @@ from cli_support import Proc, until
 
 pytestmark = pytest.mark.embedded
 
-GENWORKER = [sys.executable, "-m", "supervisor.cli"]
+GENWORKER = [sys.executable, "-m", "genworker.cli"]
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

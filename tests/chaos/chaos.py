@@ -5,7 +5,7 @@ since GENWORKER_NODE_ID is unset by default), its private PostgreSQL crashes onc
 (`pg_ctl stop -m immediate`) and comes back, and the simulated API fails on purpose.
 
 Everything it starts is stopped by pid at the end (the harness's Launcher), and every
-wait is bounded by the run's deadline. It records what it did in `supervisor.audit.Faults`
+wait is bounded by the run's deadline. It records what it did in `audit.Faults`
 for the audit to explain, and when the work resumed after each blow.
 """
 
@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass
 
 import psycopg
+from audit import Faults
+from genworker.queue.client import Client
 from supervisor_harness import Launcher, Node, PrivatePostgres, Sim
-
-from supervisor.audit import Faults
-from supervisor.client import Client
 
 PLANS = (("free", 2, 5), ("start", 30, 3), ("pro", 70, 2))  # name, images, weight among tasks
 WORKERS = 8

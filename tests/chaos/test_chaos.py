@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from audit import audit
 from chaos import LEASE_S, ChaosRun, deadline_for
 from supervisor_harness import Launcher, PrivatePostgres, private_pg  # noqa: F401
-
-from supervisor.audit import audit
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,10 @@ from typing import Any
 
 import psycopg
 from exposition import Sample, parse
+from genworker.config import Settings
+from genworker.queue import schema
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from supervisor_harness import Node, wait_for
-
-from supervisor import schema
-from supervisor.config import Settings
 
 # --------------------------------------------------------------------- HTTP
 

@@ -9,10 +9,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from genworker.queue.store import Queue
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
-
-from supervisor.queue import Queue
 
 
 class SyncQueue:

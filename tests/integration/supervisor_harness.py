@@ -107,7 +107,7 @@ def _kill(pid: int, sig: int) -> None:
 
 
 class Sim:
-    """`python -m supervisor.api.sim` on 127.0.0.1, port chosen by the kernel."""
+    """`python -m genworker.sim.server` on 127.0.0.1, port chosen by the kernel."""
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class Sim:
         jitter_ms: float = 0,
         env: dict[str, str] | None = None,
     ) -> None:
-        cmd = [sys.executable, "-m", "supervisor.api.sim", "--host", "127.0.0.1", "--port", "0"]
+        cmd = [sys.executable, "-m", "genworker.sim", "--host", "127.0.0.1", "--port", "0"]
         cmd += ["--latency-ms", str(latency_ms), "--jitter-ms", str(jitter_ms), *args]
         self.proc = subprocess.Popen(
             cmd,
@@ -320,8 +320,8 @@ class PrivatePostgres:
 
     def create_database(self, name: str) -> str:
         """A new database, migrated; returns its DSN."""
-        from supervisor import schema
-        from supervisor.config import Settings
+        from genworker.config import Settings
+        from genworker.queue import schema
 
         with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')

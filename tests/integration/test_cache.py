@@ -11,9 +11,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
-
-from supervisor.cache import (
+from genworker.config import ConfigError, Settings
+from genworker.queue.cache import (
     Cache,
     PostgresCache,
     RedisCache,
@@ -21,7 +20,7 @@ from supervisor.cache import (
     is_cacheable,
     open_cache,
 )
-from supervisor.config import ConfigError, Settings
+from psycopg_pool import AsyncConnectionPool
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 STORED = {"path": "/r/ab.png", "bytes": 318, "sha256": "ab" * 32, "mime": "image/png"}

@@ -9,12 +9,11 @@ import threading
 
 import psycopg
 import pytest
+from genworker import AsyncClient, Client, TaskInfo
+from genworker.errors import InvalidPlan, TaskNotFound
+from genworker.model import Outcome, OutcomeKind, TaskStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from queue_support import counts, sync_queue
-
-from supervisor import AsyncClient, Client, TaskInfo
-from supervisor.errors import InvalidPlan, TaskNotFound
-from supervisor.model import Outcome, OutcomeKind, TaskStatus
 
 
 def finish_all(dsn: str, kind: OutcomeKind = OutcomeKind.OK) -> int:

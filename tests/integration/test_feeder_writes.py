@@ -9,12 +9,11 @@ import logging
 
 import psycopg
 import pytest
+from genworker.config import Settings
+from genworker.model import Outcome, OutcomeKind
+from genworker.node.feeder import Feeder
+from genworker.queue.client import Client
 from queue_support import job_row, sync_queue
-
-from supervisor.client import Client
-from supervisor.config import Settings
-from supervisor.feeder import Feeder
-from supervisor.model import Outcome, OutcomeKind
 
 
 def test_an_unstorable_outcome_fails_its_job_and_the_others_are_written(

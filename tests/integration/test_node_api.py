@@ -11,6 +11,7 @@ import time
 
 import psycopg
 import pytest
+from genworker.queue.client import Client
 from ops_support import http_address, scrape
 from supervisor_harness import (
     Launcher,
@@ -21,8 +22,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 KEY = "sk-test-SECRETKEY123456"
 

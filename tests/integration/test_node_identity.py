@@ -8,6 +8,7 @@ import signal
 import socket
 
 import psycopg
+from genworker.queue.client import Client
 from supervisor_harness import (
     Launcher,
     jobs,
@@ -17,8 +18,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 
 def test_a_second_live_supervisor_under_the_same_id_is_refused(

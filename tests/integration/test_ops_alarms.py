@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from genworker.queue.client import Client
 from notify_socket import NotifySocket
 from ops_support import alarm_lines, http_address, readyz
 from supervisor_harness import (
@@ -24,8 +25,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 RIGHT_KEY = "sk-right-ALARMKEY-0123456789"
 WRONG_KEY = "sk-wrong-ALARMKEY-9876543210"

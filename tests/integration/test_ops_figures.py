@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
+from genworker.ops.readings import FINISHED_BATCH, DbFigures
+from genworker.queue.client import Client
 from psycopg_pool import AsyncConnectionPool
-
-from supervisor.client import Client
-from supervisor.readings import FINISHED_BATCH, DbFigures
 
 
 def refresh(dsn: str, figures: DbFigures) -> None:

@@ -9,14 +9,13 @@ import signal
 import socket
 
 import psycopg
+from genworker.queue.client import Client
 from ops_support import alarm_lines, get, http_address, private_postgres, readyz
 from supervisor_harness import (
     Launcher,
     launch_fixture,  # noqa: F401  (the launch fixture)
     wait_for,
 )
-
-from supervisor.client import Client
 
 
 def test_readyz_turns_503_while_postgresql_is_stopped_and_200_when_it_is_back(

@@ -8,6 +8,7 @@ import time
 
 import psycopg
 from exposition import Sample, family
+from genworker.queue.client import Client
 from ops_support import http_address, readyz, scrape
 from supervisor_harness import (
     Launcher,
@@ -16,8 +17,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 
 def v(samples: dict[Sample, float], name: str, **labels: str) -> float:

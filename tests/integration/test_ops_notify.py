@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from genworker.queue.client import Client
 from notify_socket import NotifySocket
 from supervisor_harness import (
     Launcher,
@@ -19,8 +20,6 @@ from supervisor_harness import (
     status_counts,
     wait_for,
 )
-
-from supervisor.client import Client
 
 WATCHDOG_USEC = 1_000_000  # a ping every half second
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from genworker.queue.client import Client
 from ops_support import get, http_address
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from supervisor_harness import (
@@ -23,8 +24,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 KEY = f"sk-test-KNOWNKEY{secrets.token_hex(8)}"
 PASSWORD = f"pw-KNOWNPASS{secrets.token_hex(8)}"

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from genworker.errors import TaskNotFound
+from genworker.model import Outcome, OutcomeKind
+from genworker.queue.client import Client
 from queue_support import expire_leases, job_row, sync_queue, task_row
-
-from supervisor.client import Client
-from supervisor.errors import TaskNotFound
-from supervisor.model import Outcome, OutcomeKind
 
 
 def test_queued_jobs_never_run_and_late_results_are_discarded(

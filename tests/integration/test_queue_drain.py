@@ -11,11 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from genworker.model import Outcome, OutcomeKind
+from genworker.queue.client import Client
+from genworker.queue.store import Queue
 from psycopg_pool import AsyncConnectionPool
-
-from supervisor.client import Client
-from supervisor.model import Outcome, OutcomeKind
-from supervisor.queue import Queue
 
 PROCESSES = 4
 TASKS, JOBS_PER_TASK = 400, 50  # 20,000 jobs

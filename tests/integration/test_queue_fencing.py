@@ -4,10 +4,9 @@ write (lease lost, job re-claimed) or a wrong token changes nothing and is repor
 from __future__ import annotations
 
 import psycopg
+from genworker.model import Outcome, OutcomeKind
+from genworker.queue.client import Client
 from queue_support import SyncQueue, counts, expire_leases, job_row, sync_queue
-
-from supervisor.client import Client
-from supervisor.model import Outcome, OutcomeKind
 
 
 def _one_job_task(client: Client) -> int:

@@ -5,10 +5,9 @@ many nodes at once; silent nodes are marked dead."""
 from __future__ import annotations
 
 import psycopg
+from genworker.model import Outcome, OutcomeKind
+from genworker.queue.client import Client
 from queue_support import expire_leases, job_row, sync_queue, task_row
-
-from supervisor.client import Client
-from supervisor.model import Outcome, OutcomeKind
 
 
 def test_an_expired_lease_is_requeued_and_runs_again(

@@ -8,9 +8,8 @@ import time
 
 import psycopg
 import pytest
-
-from supervisor.client import AsyncClient
-from supervisor.queue import Listener
+from genworker.queue.client import AsyncClient
+from genworker.queue.store import Listener
 
 WAKE_S = 5.0
 

@@ -9,9 +9,8 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from supervisor import schema, sql
-from supervisor.config import Settings
+from genworker.config import Settings
+from genworker.queue import schema, sql
 
 # What a schema is, as the catalog sees it. Every query is ordered, so two dumps
 # compare with ==; ordinal positions are left out (a column added later lands last).

@@ -4,10 +4,9 @@ time; recent ones and unfinished ones (however old) stay."""
 from __future__ import annotations
 
 import psycopg
+from genworker.model import Outcome, OutcomeKind
+from genworker.queue.client import Client
 from queue_support import counts, sync_queue
-
-from supervisor.client import Client
-from supervisor.model import Outcome, OutcomeKind
 
 DAY_S = 86400.0
 

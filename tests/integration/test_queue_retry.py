@@ -9,11 +9,10 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from genworker.model import Outcome, OutcomeKind
+from genworker.queue.client import Client
+from genworker.queue.store import backoff_s, retry_delay_s
 from queue_support import job_row, make_due, sync_queue, task_row
-
-from supervisor.client import Client
-from supervisor.model import Outcome, OutcomeKind
-from supervisor.queue import backoff_s, retry_delay_s
 
 BASE_S, MAX_S = 2.0, 60.0
 

@@ -12,12 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from genworker import errors
+from genworker.queue.client import Client
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 from queue_support import counts
-
-from supervisor import errors
-from supervisor.client import Client
 
 # ------------------------------------------------------------------ idempotency
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from audit import Faults, audit
+from genworker.queue.client import Client
 from psycopg.types.json import Jsonb
-
-from supervisor.audit import Faults, audit
-from supervisor.client import Client
 
 
 def claim(conn: psycopg.Connection, n: int = 1000) -> list[tuple[int, int]]:
@@ -173,7 +173,7 @@ def test_failed_calls_must_be_faults_the_api_injected(
 def test_the_audit_runs_from_the_command_line_and_exits_1_on_a_problem(
     dsn: str, conn: psycopg.Connection, finished: list[tuple[int, int]]
 ) -> None:
-    run = [sys.executable, "-m", "supervisor.audit", dsn, "--submitted"]
+    run = [sys.executable, str(Path(__file__).parents[1] / "audit.py"), dsn, "--submitted"]
     ok = subprocess.run([*run, "3"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.startswith("audit: OK")

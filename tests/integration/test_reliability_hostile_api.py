@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from aiohttp import web
+from genworker.queue.client import Client
+from genworker.sim.server import tiny_png
 from supervisor_harness import (
     Launcher,
     jobs,
@@ -26,9 +28,6 @@ from supervisor_harness import (
     node_info,
     wait_all_finished,
 )
-
-from supervisor.api.sim import tiny_png
-from supervisor.client import Client
 
 FAKE = {"X-Fake-Provider": "genworker-hostile-test"}
 TIMEOUT_S = 3  # the node's --request-timeout

@@ -21,11 +21,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from genworker import errors
+from genworker.queue.client import Client
 from psycopg.types.json import Jsonb
 from supervisor_harness import GENWORKER
-
-from supervisor import errors
-from supervisor.client import Client
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "hostile"
 CORPUS: list[dict[str, str]] = json.loads((DATA / "strings.json").read_text())["strings"]

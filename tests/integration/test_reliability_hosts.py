@@ -11,6 +11,9 @@ import signal
 import time
 
 import psycopg
+from audit import Faults, audit
+from genworker.node.upkeep import reap_every_s
+from genworker.queue.client import Client
 from supervisor_harness import (
     Launcher,
     Node,
@@ -19,10 +22,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.audit import Faults, audit
-from supervisor.client import Client
-from supervisor.upkeep import reap_every_s
 
 LEASE_S = 3.0
 REAP_EVERY_S = reap_every_s(LEASE_S)  # the reaper interval for this lease

@@ -13,6 +13,8 @@ import signal
 import time
 
 import psycopg
+from audit import Faults, audit
+from genworker.queue.client import Client
 from ops_support import http_address, readyz
 from supervisor_harness import (
     Launcher,
@@ -24,9 +26,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.audit import Faults, audit
-from supervisor.client import Client
 
 RESUME_S = 5.0  # the issue's bound: work resumes within this of PostgreSQL's return
 
@@ -192,9 +191,9 @@ def test_a_write_cut_short_by_the_stop_keeps_its_outcomes_pending() -> None:
     """The stop cancels a write that hangs (the database is away or slow); the batch it
     held must stay pending, or the shutdown would give back jobs that already ran (their
     outcomes lost, their API calls made again)."""
-    from supervisor.config import Settings
-    from supervisor.feeder import Feeder
-    from supervisor.model import Outcome, OutcomeKind
+    from genworker.config import Settings
+    from genworker.model import Outcome, OutcomeKind
+    from genworker.node.feeder import Feeder
 
     async def scenario() -> list[tuple[Outcome, int]]:
         feeder = Feeder(Settings(), "postgresql://nowhere.invalid/x", "n", list, print)

@@ -8,8 +8,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
-
-from supervisor.api.sim import SimConfig, start_sim
+from genworker.sim.server import SimConfig, start_sim
 
 GEN = "/v1/images/generations"
 

@@ -13,14 +13,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from genworker.config import DEFAULT_PLANS, Plan, Settings
+from genworker.model import Outcome, OutcomeKind
+from genworker.queue import schema
+from genworker.queue.client import Client
+from genworker.queue.store import Queue
 from psycopg_pool import AsyncConnectionPool
 from queue_support import expire_leases, sync_queue
-
-from supervisor import schema
-from supervisor.client import Client
-from supervisor.config import DEFAULT_PLANS, Plan, Settings
-from supervisor.model import Outcome, OutcomeKind
-from supervisor.queue import Queue
 
 
 def set_caps(conn: psycopg.Connection, tenant_cap: int, **plan_caps: int) -> None:

@@ -10,16 +10,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from genworker import channels as ch
+from genworker.api.limiter import Aimd
+from genworker.config import Plan, Settings
+from genworker.model import Job
+from genworker.node.feeder import Feeder
+from genworker.queue import schema
+from genworker.queue.client import Client
+from genworker.worker.process import Worker
 from queue_support import sync_queue
-
-from supervisor import channels as ch
-from supervisor import schema
-from supervisor.api.limiter import Aimd
-from supervisor.client import Client
-from supervisor.config import Plan, Settings
-from supervisor.feeder import Feeder
-from supervisor.model import Job
-from supervisor.worker import Worker
 
 DEFAULTS = Settings()
 PRO_OFFSET_S = 2 * DEFAULTS.priority_step_s + 70 * DEFAULTS.size_step_s  # a Pro task's lead

@@ -2,8 +2,7 @@
 
 import psycopg
 import pytest
-
-from supervisor.client import Client
+from genworker.queue.client import Client
 
 pytestmark = pytest.mark.embedded
 

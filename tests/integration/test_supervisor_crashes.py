@@ -12,6 +12,7 @@ import signal
 from datetime import datetime
 
 import psycopg
+from genworker.queue.client import Client
 from supervisor_harness import (
     Launcher,
     alive,
@@ -22,8 +23,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 OK_HANDLERS = "ok=supervisor_handlers:ok,crash=supervisor_handlers:crash"
 DEATH = re.compile(

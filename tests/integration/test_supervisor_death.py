@@ -9,6 +9,7 @@ import time
 from datetime import datetime
 
 import psycopg
+from genworker.queue.client import Client
 from supervisor_harness import (
     Launcher,
     alive,
@@ -19,8 +20,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 
 def db_now(conn: psycopg.Connection) -> datetime:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psycopg
+from genworker.queue.client import Client
 from supervisor_harness import (
     Launcher,
     Node,
@@ -24,8 +25,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 SLOTS = 5
 TITLE = re.compile(r"^genworker: worker (\d+) inflight=(\d+)/(\d+) done=(\d+)")

@@ -4,6 +4,7 @@ outcome not yet written), so a call that outlasts the lease is never taken away 
 from __future__ import annotations
 
 import psycopg
+from genworker.queue.client import Client
 from supervisor_harness import (
     Launcher,
     jobs,
@@ -11,8 +12,6 @@ from supervisor_harness import (
     status_counts,
     wait_all_finished,
 )
-
-from supervisor.client import Client
 
 
 def test_calls_longer_than_the_lease_keep_their_jobs(

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psycopg
+from genworker.queue.client import Client
 from supervisor_harness import (
     Launcher,
     Node,
@@ -22,8 +23,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 FULL = re.compile(r"inflight=5/5")
 

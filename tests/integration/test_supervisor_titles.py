@@ -7,6 +7,7 @@ import re
 import signal
 
 import psycopg
+from genworker.queue.client import Client
 from psycopg.conninfo import make_conninfo
 from supervisor_harness import (
     Launcher,
@@ -17,8 +18,6 @@ from supervisor_harness import (
     wait_all_finished,
     wait_for,
 )
-
-from supervisor.client import Client
 
 API_KEY = "sk-test-SECRET-7f3a9c2e1b"
 DB_PASSWORD = "hunter2secret"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-
-from supervisor.alarms import Alarm, Alarms, ErrorRate, SlidingWindow, format_duration
+from genworker.ops.alarms import Alarm, Alarms, ErrorRate, SlidingWindow, format_duration
 
 
 def alarm_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
@@ -142,7 +141,7 @@ def test_summary_states_and_returned_lines() -> None:
 
 
 def test_thresholds_are_configurable_and_checked() -> None:
-    from supervisor.alarms import default_alarms
+    from genworker.ops.alarms import default_alarms
 
     alarms = Alarms(default_alarms(queue_depth=5))
     alarms.update("queue_depth", 6, now=0)
@@ -184,7 +183,7 @@ def test_format_duration(seconds: float, text: str) -> None:
 
 
 def test_limits_parse_from_the_setting_and_name_a_bad_item() -> None:
-    from supervisor.alarms import AlarmLimits, default_alarms, parse_limits
+    from genworker.ops.alarms import AlarmLimits, default_alarms, parse_limits
 
     assert parse_limits("") == AlarmLimits()
     limits = parse_limits(" queue_depth=5, window_s=10 ,queue_depth_hold_s=0")

@@ -16,13 +16,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-
-from supervisor.api import openai
-from supervisor.api.errors import ApiTimeout
-from supervisor.api.openai import ImageHandler, generations_url, make_session
-from supervisor.api.sim import SimConfig, sim_of, start_sim, tiny_png
-from supervisor.config import Settings
-from supervisor.model import Job, JobError, PermanentError, RateLimited, TransientError
+from genworker.api import openai
+from genworker.api.errors import ApiTimeout
+from genworker.api.openai import ImageHandler, generations_url, make_session
+from genworker.config import Settings
+from genworker.model import Job, JobError, PermanentError, RateLimited, TransientError
+from genworker.sim.server import SimConfig, sim_of, start_sim, tiny_png
 
 KEY = "sk-test-SECRET123"
 

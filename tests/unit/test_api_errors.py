@@ -6,15 +6,8 @@ import json
 from email.utils import formatdate
 
 import pytest
-
-from supervisor.api.errors import (
-    RETRY_AFTER_CAP_S,
-    classify,
-    parse_duration,
-    retry_after_s,
-    scrub,
-)
-from supervisor.model import OutcomeKind, PermanentError, RateLimited, TransientError, unstorable
+from genworker.api.errors import RETRY_AFTER_CAP_S, classify, parse_duration, retry_after_s, scrub
+from genworker.model import OutcomeKind, PermanentError, RateLimited, TransientError, unstorable
 
 KEY = "sk-test-SECRET123"
 NOW = 1_700_000_000.0

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from supervisor.api.openai import ImageHandler
-from supervisor.config import ConfigError, Settings
-from supervisor.handlers import load_handlers
-from supervisor.model import Job, PermanentError
+from genworker.api.openai import ImageHandler
+from genworker.config import ConfigError, Settings
+from genworker.model import Job, PermanentError
+from genworker.worker.handlers import load_handlers
 
 JOB = Job(1, 1, 1, 0, "echo", {"prompt": "p"}, 1)
 

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from supervisor.api import results
-from supervisor.api.results import store_image, sweep_temp_files, write_atomic
-from supervisor.api.sim import tiny_png
+from genworker.api import results
+from genworker.api.results import store_image, sweep_temp_files, write_atomic
+from genworker.sim.server import tiny_png
 
 
 def temps(d: Path) -> list[Path]:

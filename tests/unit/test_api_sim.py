@@ -14,8 +14,7 @@ import zlib
 from typing import Any
 
 import aiohttp
-
-from supervisor.api.sim import SIM_HEADER, SimConfig, start_sim, tiny_png
+from genworker.sim.server import SIM_HEADER, SimConfig, start_sim, tiny_png
 
 GEN = "/v1/images/generations"
 
@@ -170,7 +169,7 @@ def test_url_results_are_served_by_the_sim() -> None:
 def test_the_command_line_serves_until_sigterm() -> None:
     env = {**os.environ, "GENWORKER_SIM_LATENCY_MS": "1", "GENWORKER_SIM_RPS": "2"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.api.sim", "--port", "0", "--seed", "3"],
+        [sys.executable, "-m", "genworker.sim", "--port", "0", "--seed", "3"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -196,7 +195,7 @@ def test_the_command_line_serves_until_sigterm() -> None:
 
 def test_announce_prints_only_the_url() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.api.sim", "--port", "0", "--announce"],
+        [sys.executable, "-m", "genworker.sim", "--port", "0", "--announce"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -213,7 +212,7 @@ def test_announce_prints_only_the_url() -> None:
 
 def test_bad_flags_are_refused() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "supervisor.api.sim", "--fail-500", "2"],
+        [sys.executable, "-m", "genworker.sim", "--fail-500", "2"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from supervisor.demo.baseline import Latency, replay_old_design
-from supervisor.demo.scenario import Morning
+from genworker.demo.baseline import Latency, replay_old_design
+from genworker.demo.scenario import Morning
 
 EXACT = Latency(mean_s=1.0)  # no jitter, no failures: the arithmetic is exact
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supervisor.cli import make_parser, settings_from_args
-from supervisor.demo.run import node_flags
+from genworker.cli.main import make_parser, settings_from_args
+from genworker.demo.run import node_flags
 
 
 def flags_for(*argv: str) -> list[str]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 
 import pytest
+from genworker.demo.report import TaskFigure, figures, percentile, ratios, render
 from rich.console import Console
-
-from supervisor.demo.report import TaskFigure, figures, percentile, ratios, render
 
 
 def task(plan: str, arrival: float, wait: float, done: float, images: int = 2) -> TaskFigure:

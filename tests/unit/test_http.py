@@ -10,9 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-
-from supervisor.errors import UsageError
-from supervisor.http import (
+from genworker.errors import UsageError
+from genworker.ops.http import (
     HttpServeError,
     Readiness,
     assess_readiness,

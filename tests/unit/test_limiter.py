@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from supervisor.api.limiter import BUCKET_BYTES, Aimd, SharedTokenBucket
+from genworker.api.limiter import BUCKET_BYTES, Aimd, SharedTokenBucket
 
 # ------------------------------------------------------------------- Aimd
 
@@ -343,9 +342,9 @@ JOBS_PER_WORKER = 100
 
 def _client(port: int, buf: memoryview, lock: str, out: str) -> None:
     """A worker: 5 slots, Aimd, the shared bucket, the real image client; 429s come back later."""
-    from supervisor.api import ImageHandler, make_session
-    from supervisor.config import Settings
-    from supervisor.model import Job, JobError, RateLimited
+    from genworker.api import ImageHandler, make_session
+    from genworker.config import Settings
+    from genworker.model import Job, JobError, RateLimited
 
     async def main() -> None:
         s = Settings(api_url=f"http://127.0.0.1:{port}", output_dir=Path(out))
@@ -399,7 +398,7 @@ def test_without_a_rate_the_bucket_learns_the_providers_limit(tmp_path: Path) ->
     import urllib.request
 
     sim = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.api.sim", "--port", "0", "--announce",
+        [sys.executable, "-m", "genworker.sim", "--port", "0", "--announce",
          "--rps", str(SIM_RPS), "--latency-ms", "50", "--jitter-ms", "10"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

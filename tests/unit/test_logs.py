@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
-
-from supervisor.logs import Redactor, dsn_password, setup_logging
+from genworker.logs import Redactor, dsn_password, setup_logging
 
 API_KEY = "sk-proj-T3stK3yDoNotLeak0123456789abcdef"
 DB_PASSWORD = 'Pa"ss:w@rd/Secr3t'
@@ -217,8 +216,8 @@ def test_the_pools_retry_warnings_show_at_debug_only(capture: io.StringIO) -> No
 
 
 def test_a_node_process_set_up_from_its_settings_hides_its_secrets(capture: io.StringIO) -> None:
-    from supervisor.config import Settings
-    from supervisor.logs import setup_node_logging
+    from genworker.config import Settings
+    from genworker.logs import setup_node_logging
 
     settings = Settings(api_key=API_KEY, database_url=DSN, log_format="json", log_level="debug")
     setup_node_logging(settings, stream=capture)
@@ -231,7 +230,7 @@ def test_a_node_process_set_up_from_its_settings_hides_its_secrets(capture: io.S
 
 
 def test_the_light_password_parse_needs_no_psycopg() -> None:
-    from supervisor.logs import _light_password
+    from genworker.logs import _light_password
 
     assert _light_password(DSN) == DB_PASSWORD
     assert _light_password("host=db password='a b' user=gw") == "a b"

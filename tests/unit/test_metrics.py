@@ -6,8 +6,7 @@ import math
 
 import pytest
 from exposition import parse, value
-
-from supervisor.metrics import (
+from genworker.ops.metrics import (
     CONTENT_TYPE,
     GenworkerMetrics,
     Registry,

@@ -10,16 +10,15 @@ from typing import Any
 
 import pytest
 from exposition import parse, value
-
-from supervisor import channels as ch
-from supervisor import ops as ops_module
-from supervisor.config import Settings
-from supervisor.feeder import FeederStats
-from supervisor.logs import Redactor
-from supervisor.metrics import DB_WAIT_BUCKETS_S
-from supervisor.ops import Ops
-from supervisor.readings import DbFigures, PoolWaits, latency_counts
-from supervisor.workers import State
+from genworker import channels as ch
+from genworker.config import Settings
+from genworker.logs import Redactor
+from genworker.node.feeder import FeederStats
+from genworker.node.handles import State
+from genworker.ops import service as ops_module
+from genworker.ops.metrics import DB_WAIT_BUCKETS_S
+from genworker.ops.readings import DbFigures, PoolWaits, latency_counts
+from genworker.ops.service import Ops
 
 COUNTERS = list(ch.COUNTER_FIELDS)
 

@@ -7,8 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from supervisor.client import TaskInfo
-from supervisor.config import FIELDS, display_value, env_name, flag_name
+from genworker.config import FIELDS, display_value, env_name, flag_name
+from genworker.queue.client import TaskInfo
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 START, END = "<!-- settings-reference -->", "<!-- /settings-reference -->"

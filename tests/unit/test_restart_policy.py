@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from supervisor import channels as ch
-from supervisor.workers import Position, State, WorkerHandle
+from genworker import channels as ch
+from genworker.node.handles import Position, State, WorkerHandle
 
 
 def test_restarts_back_off_doubling_then_the_position_is_held_back() -> None:

@@ -7,9 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from supervisor import config
-from supervisor.config import ConfigError, build
+from genworker import config
+from genworker.config import ConfigError, build
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from genworker.ops.status import _rates, status_view
 from rich.console import Console
-
-from supervisor.status import _rates, status_view
 
 
 def node(heartbeat: str, done: float, errors: float, **info: Any) -> dict[str, Any]:

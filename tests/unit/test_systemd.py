@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from genworker.ops import systemd
 from notify_socket import NotifySocket
-
-from supervisor import systemd
 
 
 @pytest.fixture

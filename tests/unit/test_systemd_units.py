@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from supervisor import config
+from genworker import config
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 INSTALLED = "/opt/genworker/bin/genworker"
@@ -95,8 +94,8 @@ def test_security_exposure_is_at_most_2(unit_copies: Path, unit: str) -> None:
 
 
 def test_the_unit_runs_the_supervisor_as_issue_6_asks() -> None:
-    from supervisor.arbiter import EXIT_BOOT_FAILED, EXIT_CRASH_LOOP
-    from supervisor.errors import UsageError
+    from genworker.errors import UsageError
+    from genworker.node.arbiter import EXIT_BOOT_FAILED, EXIT_CRASH_LOOP
 
     service = parse_unit(UNITS / "genworker.service")["Service"]
     one = {k: v[-1] for k, v in service.items()}

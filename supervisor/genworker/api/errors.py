@@ -1,0 +1,186 @@
+"""How a provider's answer becomes a job outcome: classification, Retry-After, scrubbing.
+
+Pure functions over a status, headers and a body, so every rule can be tested
+without a network. The reasons they produce are short, one line, and never
+contain the API key (providers echo keys, sometimes partly masked, in 401s).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from genworker.model import JobError, PermanentError, RateLimited, TransientError
+
+RETRY_AFTER_CAP_S = 60.0  # one 429 never snoozes longer; the queue's snooze budget bounds the total
+DEFAULT_RATE_LIMIT_WAIT_S = 1.0  # a 429 that names no wait
+MAX_REASON_CHARS = 240
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # NUL cannot be stored; the rest break a line
+_SK_TOKEN = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{3,}")
+_BEARER = re.compile(r"(?i)\bbearer\s+\S+")
+_MASKED = re.compile(r"\S*\*{3,}\S*")  # "abcd****wxyz": a masked key is still a key's shape
+_WORDS = re.compile(r"[A-Za-z0-9_\-]{8,}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+class ApiTimeout(TransientError):
+    """The provider did not answer in time (a TransientError the limiter counts apart)."""
+
+    status: int | None = None
+    cause = "timeout"
+
+
+def tag(err: JobError, *, status: int | None = None, cause: str | None = None) -> JobError:
+    """Attach the HTTP status and the cause ("http", "timeout", "connection", "answer").
+
+    The worker's counters read them with getattr; model.JobError does not declare
+    them (it is shared vocabulary, kept free of HTTP).
+    """
+    err.__dict__.update(status=status, cause=cause)
+    return err
+
+
+def scrub(text: str, key: str | None = None) -> str:
+    """One short line of valid text (no control characters, no lone surrogate) with the
+    key, any sk-... token, bearer token or masked key removed."""
+    text = _CONTROL.sub(" ", text).encode("utf-8", "replace").decode()
+    line = " ".join(text.split())
+    if key:
+        line = line.replace(key, "***")
+        # a partial echo: any long word that is a piece of the key
+        line = _WORDS.sub(lambda m: "***" if m[0] in key else m[0], line)
+    line = _SK_TOKEN.sub("sk-***", line)
+    line = _BEARER.sub("Bearer ***", line)
+    line = _MASKED.sub("***", line)
+    if len(line) > MAX_REASON_CHARS:
+        line = line[: MAX_REASON_CHARS - 1] + "…"
+    return line
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a Go-style duration, as x-ratelimit-reset-* send it: "1s", "6m0s", "20ms"."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)  # some providers send plain seconds
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            return None
+        value = float(m[1])
+        total += {"ms": value / 1000, "s": value, "m": value * 60, "h": value * 3600}[m[2]]
+        pos = m.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    # aiohttp's CIMultiDict is case-insensitive; a plain dict in tests may not be
+    value = headers.get(name)
+    if value is None:
+        lowered = {k.lower(): v for k, v in headers.items()}
+        value = lowered.get(name.lower())
+    return value
+
+
+def _retry_after_header(value: str, now: float) -> float | None:
+    """Retry-After: delta-seconds or an HTTP-date."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return when.timestamp() - now
+
+
+def _reset_headers(headers: Mapping[str, str]) -> float | None:
+    """x-ratelimit-reset-requests/-tokens: the exhausted budget's reset, else the sooner one."""
+    found: list[tuple[bool, float]] = []
+    for budget in ("requests", "tokens"):
+        raw = _header(headers, f"x-ratelimit-reset-{budget}")
+        seconds = parse_duration(raw) if raw else None
+        if seconds is not None:
+            spent = (_header(headers, f"x-ratelimit-remaining-{budget}") or "").strip() == "0"
+            found.append((spent, seconds))
+    if not found:
+        return None
+    exhausted = [s for spent, s in found if spent]
+    return max(exhausted) if exhausted else min(s for _, s in found)
+
+
+def retry_after_s(
+    headers: Mapping[str, str], *, now: float | None = None, cap_s: float = RETRY_AFTER_CAP_S
+) -> float | None:
+    """The provider's wait in seconds, capped: retry-after-ms, Retry-After, x-ratelimit-reset-*."""
+    now = time.time() if now is None else now
+    seconds: float | None = None
+    raw_ms = _header(headers, "retry-after-ms")
+    if raw_ms:
+        try:
+            seconds = float(raw_ms) / 1000
+        except ValueError:
+            seconds = None
+    if seconds is None and (raw := _header(headers, "retry-after")):
+        seconds = _retry_after_header(raw.strip(), now)
+    if seconds is None:
+        seconds = _reset_headers(headers)
+    if seconds is None or seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), cap_s)
+
+
+def error_fields(body: bytes) -> tuple[str, str, str]:
+    """(message, type, code) of an OpenAI-style error body; empty strings when absent."""
+    try:
+        doc: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return "", "", ""
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, str):
+        return err, "", ""
+    if not isinstance(err, dict):
+        return "", "", ""
+
+    def text(name: str) -> str:
+        value = err.get(name)
+        return value if isinstance(value, str) else ""
+
+    return text("message"), text("type"), text("code")
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body: bytes, key: str | None = None
+) -> JobError:
+    """The JobError for a non-2xx answer, with a short scrubbed reason."""
+    message, etype, code = error_fields(body)
+    label = code or etype
+    reason = scrub(f"HTTP {status}{' ' + label if label else ''}: {message or 'no message'}", key)
+    err: JobError
+    if status == 429:
+        if "insufficient_quota" in (code, etype):
+            err = PermanentError(reason, alarm="insufficient_quota")
+        else:
+            wait = retry_after_s(headers)
+            if wait is None:
+                wait = DEFAULT_RATE_LIMIT_WAIT_S
+            err = RateLimited(reason, retry_after_s=wait)
+    elif status in (401, 403):
+        err = PermanentError(reason, alarm="bad_api_key")
+    elif status in (408, 409) or status >= 500:
+        # 408/409 are retried by OpenAI's own client too: the request may succeed next time
+        err = TransientError(reason, retry_after_s=retry_after_s(headers))
+    else:
+        err = PermanentError(reason)
+    return tag(err, status=status, cause="http")

@@ -1,0 +1,184 @@
+"""The image provider client: one POST to an OpenAI-compatible /v1/images/generations.
+
+A worker builds one `ClientSession` with `make_session` after the fork, inside
+its running loop, and one `ImageHandler`; the handler turns each job into a
+request and the answer into a small result dict, or raises the `JobError` that
+says how the job ended (see `errors.classify`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from genworker.api.errors import ApiTimeout, classify, scrub, tag
+from genworker.api.results import MAX_FILE_BYTES, sniff_mime, store_image
+from genworker.config import ConfigError, Settings
+from genworker.model import Job, PermanentError, TransientError
+
+MAX_BODY_BYTES = MAX_FILE_BYTES  # a b64 answer larger than this is refused, not buffered
+MAX_ERROR_BODY_BYTES = 64 * 1024  # an error body only needs its message
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    """The worker's one HTTP session: `concurrency` connections, explicit timeouts.
+
+    Call it inside the worker's running loop, after the fork: a session belongs
+    to the loop (and the process) that made it.
+    """
+    connector = aiohttp.TCPConnector(limit=settings.concurrency, limit_per_host=0)
+    timeout = aiohttp.ClientTimeout(
+        total=settings.request_timeout_s,
+        connect=settings.connect_timeout_s,
+        sock_connect=settings.connect_timeout_s,
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+
+
+def generations_url(api_url: str) -> str:
+    """{base}/v1/images/generations, accepting a base given with or without /v1."""
+    base = api_url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[: -len("/v1")]
+    return f"{base}/v1/images/generations"
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body, or TransientError when it is larger than `cap` (never buffered beyond it)."""
+    if resp.content_length is not None and resp.content_length > cap:
+        too_large = f"provider answer too large: {resp.content_length} bytes > {cap}"
+        raise tag(TransientError(too_large), status=resp.status, cause="answer")
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(64 * 1024):
+        size += len(chunk)
+        if size > cap:
+            too_large = f"provider answer too large: over {cap} bytes"
+            raise tag(TransientError(too_large), status=resp.status, cause="answer")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class ImageHandler:
+    """`await handler(job, session) -> dict`: one image generation per job."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.api_url:
+            raise ConfigError("the image handler needs --api-url (or the simulated API)")
+        self.settings = settings
+        self.url = generations_url(settings.api_url)
+        self.key = settings.resolved_api_key()
+        self.output_dir: Path = settings.resolved_output_dir
+
+    def _request(self, job: Job) -> tuple[dict[str, Any], dict[str, str]]:
+        prompt = job.params.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PermanentError("job has no prompt")
+        body = {
+            "model": job.params.get("model") or self.settings.model,
+            "prompt": prompt,
+            "n": 1,
+            "size": job.params.get("size") or self.settings.size,
+            "response_format": self.settings.response_format,
+        }
+        headers = {"X-Client-Request-Id": f"gw-{job.job_id}-{job.token}"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        return body, headers
+
+    async def __call__(self, job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
+        body, headers = self._request(job)
+        try:
+            async with session.post(self.url, json=body, headers=headers) as resp:
+                if resp.status >= 300:
+                    raw = await read_capped(resp, MAX_ERROR_BODY_BYTES)
+                    raise classify(resp.status, resp.headers, raw, self.key)
+                if resp.content_type != "application/json":
+                    ctype = scrub(resp.content_type)
+                    raise tag(
+                        TransientError(f"provider answered {ctype} instead of JSON"),
+                        status=resp.status,
+                        cause="answer",
+                    )
+                raw = await read_capped(resp, MAX_BODY_BYTES)
+        except TimeoutError:
+            raise ApiTimeout(f"no answer within {self.settings.request_timeout_s:g}s") from None
+        except aiohttp.InvalidURL:
+            raise PermanentError("invalid API URL", alarm="bad_api_url") from None
+        except aiohttp.ClientError as e:
+            detail = scrub(f"{type(e).__name__} {e}", self.key)
+            raise tag(TransientError(f"connection error: {detail}"), cause="connection") from None
+        return await self._result(raw, session, resp.status)
+
+    async def _result(
+        self, raw: bytes, session: aiohttp.ClientSession, status: int
+    ) -> dict[str, Any]:
+        try:
+            return await self._result_of(raw, session)
+        except ApiTimeout:
+            raise
+        except TransientError as e:
+            # a 2xx that we could not use: the answer's fault (the worker counts it apart)
+            if "cause" not in e.__dict__:
+                tag(e, status=status, cause="answer")
+            raise
+
+    async def _result_of(self, raw: bytes, session: aiohttp.ClientSession) -> dict[str, Any]:
+        item = first_image(raw)
+        b64 = item.get("b64_json")
+        if isinstance(b64, str) and b64:
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise TransientError("provider answer has invalid base64") from None
+            return await self._store(data)
+        url = item.get("url")
+        if isinstance(url, str) and url.startswith(("http://", "https://")):
+            if not self.settings.fetch_urls:
+                return {"url": url}
+            return await self._store(await self._fetch(url, session))
+        raise TransientError("provider answer has neither b64_json nor an http(s) url")
+
+    async def _fetch(self, url: str, session: aiohttp.ClientSession) -> bytes:
+        # the URL carries a signature, not our key: no Authorization header goes to it
+        try:
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    failed = TransientError(f"image download failed: HTTP {resp.status}")
+                    raise tag(failed, status=resp.status, cause="http")
+                return await read_capped(resp, MAX_FILE_BYTES)
+        except TimeoutError:
+            raise ApiTimeout("image download timed out") from None
+        except aiohttp.ClientError as e:
+            failed = TransientError(f"image download failed: {type(e).__name__}")
+            raise tag(failed, cause="connection") from None
+
+    async def _store(self, data: bytes) -> dict[str, Any]:
+        mime = sniff_mime(data)
+        if mime is None:
+            raise TransientError(f"provider image is not PNG/JPEG/WebP/GIF ({len(data)} bytes)")
+        try:
+            return await store_image(self.output_dir, data, mime)
+        except OSError as e:
+            # a full disk is this host's problem, not the job's: retry (maybe elsewhere)
+            failed = TransientError(f"cannot store image: {e.strerror}")
+            raise tag(failed, cause="storage") from None
+
+
+def first_image(raw: bytes) -> dict[str, Any]:
+    """data[0] of a generations answer; TransientError for anything malformed or empty."""
+    if not raw:
+        raise TransientError("provider answer is empty")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise TransientError("provider answer is not valid JSON") from None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        raise TransientError("provider answer has no image")
+    return data[0]

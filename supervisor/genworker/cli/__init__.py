@@ -1,0 +1,1 @@
+"""The `genworker` command line."""

@@ -1,0 +1,315 @@
+"""The short sub-commands: submit, status, tasks, show, cancel, retry, migrate, prune, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from genworker.cli.main import print_json
+from genworker.config import FIELDS, Settings, display_value, env_name, flag_name, mask_dsn
+from genworker.errors import GenworkerError, InvalidParams, InvalidPrompt
+from genworker.model import TaskStatus
+from genworker.queue import schema, sql
+from genworker.queue.client import Client, TaskInfo
+from genworker.queue.db import connect, resolve_dsn, translated
+
+WATCH_S = 2.0
+LIVE_NODE_S = 120.0  # a node heard from within this long counts as running (heartbeats: lease/3)
+
+
+def _open(settings: Settings, *, migrated: bool = True) -> psycopg.Connection:
+    dsn = resolve_dsn(settings)
+    conn = connect(dsn, timeout_s=settings.db_pool_timeout_s)
+    if migrated:
+        if settings.database_url is None:
+            # the embedded server is ours: bring it up to date instead of asking the user to.
+            # Without settings: plans are synced by `migrate` and `start`, not by every command.
+            schema.migrate(conn)
+        schema.require_schema(conn)
+    return conn
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    with _open(settings, migrated=False) as conn:
+        applied = schema.migrate(conn, settings)
+        version = schema.schema_version(conn)
+    if applied:
+        print(f"applied {', '.join(applied)}; schema version {version}")
+    else:
+        print(f"schema is up to date (version {version})")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    params = _params(args, settings)
+    with _open(settings) as conn:
+        client = Client(conn=conn)
+        task_id = client.submit(
+            args.plan,
+            args.prompt,
+            params=params,
+            tenant=args.tenant,
+            kind=args.kind,
+            idempotency_key=args.idempotency_key,
+            n=args.n,
+        )
+        _warn_if_no_node(conn)
+        if not args.wait:
+            info = client.get(task_id)
+            if args.json:
+                print_json(info.to_dict())
+            else:
+                print(f"task {task_id}: {info.n_jobs} {info.kind} jobs queued (plan {info.plan})")
+            return 0
+        info = _wait(client, task_id, args.timeout, quiet=args.json)
+    if args.json:
+        print_json(info.to_dict())
+    else:
+        print(_one_line(info))
+    return 0 if info.status is TaskStatus.SUCCEEDED else 1
+
+
+def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.params:
+        try:
+            params = json.loads(args.params)
+        except ValueError as e:
+            raise InvalidParams(f"--params is not valid JSON: {e}") from None
+        if not isinstance(params, dict):
+            raise InvalidParams("--params must be a JSON object")
+    if args.prompt is None and args.kind == "image" and "prompt" not in params:
+        raise InvalidPrompt('--prompt is required for image jobs, e.g. --prompt "a lighthouse"')
+    if args.sources.get("size") == "flag":
+        params["size"] = settings.size
+    if args.sources.get("model") == "flag":
+        params["model"] = settings.model
+    return params
+
+
+def _warn_if_no_node(conn: psycopg.Connection) -> None:
+    """A first-time user's most likely surprise: a task that waits for a node never started."""
+    with translated():
+        nodes = conn.execute(sql.query("list_nodes")).fetchall()
+    if not any(r[3] == "alive" and float(r[8]) < LIVE_NODE_S for r in nodes):
+        sys.stderr.write(
+            "genworker: note: no node is running; the task waits until `genworker start` runs\n"
+        )
+
+
+def _wait(client: Client, task_id: int, timeout: float | None, *, quiet: bool) -> TaskInfo:
+    try:
+        if quiet or not sys.stderr.isatty():
+            return client.wait(task_id, timeout_s=timeout)
+        return _wait_with_bar(client, task_id, timeout)
+    except TimeoutError:
+        raise GenworkerError(
+            f"task {task_id} not finished after {timeout:g}s; it keeps running "
+            f"(`genworker show {task_id}`)"
+        ) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"genworker: task {task_id} keeps running (`genworker show {task_id}`)\n")
+        raise
+
+
+def _wait_with_bar(client: Client, task_id: int, timeout: float | None) -> TaskInfo:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        handle = bar.add_task(f"task {task_id}", total=None)
+
+        def show(info: TaskInfo) -> None:
+            what = "waiting for a worker" if info.status is TaskStatus.QUEUED else info.status
+            bar.update(
+                handle,
+                description=f"task {task_id} ({info.plan}, {what})",
+                total=info.n_jobs,
+                completed=info.n_jobs - info.remaining,
+            )
+
+        return client.wait(task_id, timeout_s=timeout, progress=show)
+
+
+def _seconds(later: datetime | None, earlier: datetime | None) -> str:
+    if later is None or earlier is None:
+        return "-"
+    return f"{(later - earlier).total_seconds():.1f}s"
+
+
+def _one_line(info: TaskInfo) -> str:
+    took = f" in {_seconds(info.finished_at, info.created_at)}" if info.finished_at else ""
+    tail = f": {info.error}" if info.error else ""
+    return (
+        f"task {info.id} {info.status}{took}: {info.succeeded}/{info.n_jobs} succeeded, "
+        f"{info.dead} dead, {info.cancelled} cancelled{tail}"
+    )
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    with _open(settings) as conn:
+        info = Client(conn=conn).get(args.task_id, jobs=True)
+    if args.json:
+        print_json(info.to_dict())
+        return 0
+    print(_one_line(info))
+    key = f", key {info.idempotency_key}" if info.idempotency_key else ""
+    print(f"  plan {info.plan}, tenant {info.tenant}, kind {info.kind}{key}")
+    print(
+        f"  created {info.created_at:%Y-%m-%d %H:%M:%S}, waited "
+        f"{_seconds(info.started_at, info.created_at)} for its first image, "
+        f"took {_seconds(info.finished_at, info.created_at)}"
+    )
+    print(f"  params {json.dumps(info.params)[:200]}")
+    for j in info.jobs:
+        what = j.error or (json.dumps(j.result) if j.result else "")
+        print(f"  #{j.index:<4} {j.status:<10} attempts={j.attempts} {what[:100]}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
+    with _open(settings) as conn:
+        rows = Client(conn=conn).tasks(status=args.status, tenant=args.tenant, limit=args.limit)
+    if args.json:
+        print_json({"tasks": [r.to_dict() for r in rows]})
+        return 0
+    if not rows:
+        print("no tasks" + (" match" if args.status or args.tenant else " yet"))
+        return 0
+    print(f"{'id':>8} {'status':<10} {'plan':<8} {'tenant':<16} {'done':>9}  {'created':<19}  took")
+    for r in rows:
+        done = f"{r.succeeded}/{r.n_jobs}"
+        took = _seconds(r.finished_at, r.created_at)
+        print(
+            f"{r.id:>8} {r.status:<10} {r.plan:<8} {r.tenant[:16]:<16} {done:>9}  "
+            f"{r.created_at:%Y-%m-%d %H:%M:%S}  {took}"
+        )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    with _open(settings) as conn:
+        status = Client(conn=conn).cancel(args.task_id)
+    print_json({"task": args.task_id, "status": str(status)}) if args.json else print(
+        f"task {args.task_id}: {status}"
+    )
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    with _open(settings) as conn:
+        n = Client(conn=conn).retry(args.task_id)
+    print_json({"task": args.task_id, "requeued": n}) if args.json else print(
+        f"task {args.task_id}: {n} dead jobs requeued"
+    )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    total = 0
+    with _open(settings) as conn, translated():
+        while True:  # small batches, so a large backlog never holds long locks
+            row = conn.execute(
+                sql.query("prune"), {"older_than_s": settings.retention_s, "limit": 500}
+            ).fetchone()
+            n = row[0] if row else 0
+            total += n
+            if n < 500:
+                break
+    print(f"pruned {total} finished tasks older than {settings.retention_s:g}s")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from genworker.ops.status import status_document, status_view
+
+    with _open(settings) as conn:
+        if not args.watch:
+            doc = status_document(conn)
+            print_json(doc) if args.json else render(status_view(doc))
+            return 0
+        return _watch(conn, json_lines=args.json)
+
+
+def _watch(conn: psycopg.Connection, *, json_lines: bool) -> int:
+    """Refresh every WATCH_S until Ctrl-C (which is how one leaves it: exit 0)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from genworker.ops.status import status_document, status_view
+
+    doc = status_document(conn)
+    try:
+        if json_lines:  # one compact document per line, for a pipe
+            while True:
+                sys.stdout.write(json.dumps(doc, default=str) + "\n")
+                sys.stdout.flush()
+                time.sleep(WATCH_S)
+                doc = status_document(conn, doc)
+        console = Console()
+        if not console.is_terminal:  # a pipe or a file: one screen after the other
+            while True:
+                console.print(status_view(doc))
+                time.sleep(WATCH_S)
+                doc = status_document(conn, doc)
+        with Live(status_view(doc), console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(WATCH_S)
+                doc = status_document(conn, doc)
+                live.update(status_view(doc), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def render(renderable: Any) -> None:
+    from rich.console import Console
+
+    Console().print(renderable)
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    rows = []
+    for name in FIELDS:
+        value = display_value(name, getattr(settings, name))
+        if "://" in value:  # any URL (API, cache) may carry user:password@
+            value = mask_dsn(value)
+        rows.append(
+            {
+                "setting": name,
+                "flag": flag_name(name),
+                "env": env_name(name),
+                "value": value,
+                "source": args.sources.get(name, "default"),
+            }
+        )
+    if args.json:
+        print_json({"settings": rows})
+        return 0
+    width = max(len(r["setting"]) for r in rows)
+    print(f"{'setting':<{width}}  {'value':<40} source")
+    for r in rows:
+        print(f"{r['setting']:<{width}}  {r['value'] or '-':<40} {r['source']}")
+    return 0

@@ -1,0 +1,197 @@
+"""Bring a node up in the right order (`genworker start`).
+
+1. settings and logging (nothing forked yet, no threads);
+2. the shared block and the zygote, forked while this process is still clean;
+3. the simulated API when no --api-url is given (a child process of its own);
+4. the database: DATABASE_URL or the embedded server, migrated;
+5. the supervisor loop (uvloop) until a signal ends it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from setproctitle import setproctitle
+
+from genworker import channels as ch
+from genworker import logs
+from genworker.api.limiter import SharedTokenBucket
+from genworker.api.results import sweep_temp_files
+from genworker.config import Settings
+from genworker.errors import GenworkerError, UsageError
+from genworker.logs import Redactor, dsn_password
+from genworker.node.arbiter import EXIT_FAILED, Arbiter, run_coroutine
+from genworker.node.zygote import ZygoteHandle, die_with_parent, start_zygote
+from genworker.ops.alarms import parse_limits
+from genworker.ops.http import parse_address
+from genworker.ops.service import Ops
+from genworker.queue.db import connect, resolve_dsn
+from genworker.queue.schema import migrate
+
+log = logging.getLogger("genworker.start")
+
+MAX_SLOTS = 256  # shared-memory slots: the most workers one node can run (TTIN included)
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse settings that would only fail later, with one line each."""
+    parse_address(settings.http)
+    try:
+        parse_limits(settings.alarms)
+    except ValueError as e:
+        raise UsageError(f"--alarms: {e}") from None
+    if settings.api_url and not settings.api_url.startswith(("http://", "https://")):
+        raise UsageError(
+            f"--api-url must start with http:// or https://, got {settings.api_url[:80]!r}"
+        )
+    settings.resolved_api_key()  # a missing key file is an error now, not in every worker
+    out = settings.resolved_output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --output-dir {out}: {e.strerror}") from None
+
+
+class SimProcess:
+    """The simulated image API in a child process, for a node started without --api-url."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, settings: Settings) -> str:
+        cmd = [
+            sys.executable,
+            "-m",
+            "genworker.sim",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--announce",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # Ctrl-C is ours to handle; we stop it ourselves
+            # ... and if we are SIGKILLed, it must not live on: no orphans. (No thread runs
+            # yet, so preexec_fn is safe here.)
+            preexec_fn=functools.partial(_die_with, os.getpid()),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("http://"):
+            self.stop()
+            raise GenworkerError(
+                "the simulated API did not start (run `genworker sim-api` to see why)"
+            )
+        return line
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _die_with(parent_pid: int) -> None:
+    """In a child before exec: get SIGTERM when the supervisor dies, or go now if it has."""
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int:
+    """Run one node until a signal ends it; `reread_settings` gives the settings anew on HUP."""
+    # Replace our argv in `ps` at once: it may hold --api-key or a DSN with a password, and
+    # the zygote, forked below, would carry a copy of it until it sets its own title.
+    setproctitle(f"genworker: supervisor node={settings.resolved_node_id} starting")
+    check_settings(settings)
+    redactor = setup_logging(settings)
+    swept = sweep_temp_files(settings.resolved_output_dir)
+    if swept:
+        log.info("removed %d half-written result files of workers that were killed", swept)
+    block = ch.SharedBlock(MAX_SLOTS)
+    lock_fd, lock_path = tempfile.mkstemp(prefix="genworker-bucket-", suffix=".lock")
+    os.close(lock_fd)
+    bucket = SharedTokenBucket(block.bucket_buffer(), lock_path)
+    bucket.set_rate(settings.api_rps)  # the whole rate until the node count is known
+    zygote = start_zygote(settings, block, lock_path)
+    sim = SimProcess()
+    try:
+        if not settings.api_url:
+            settings = settings.with_(api_url=sim.start(settings))
+            log.warning("simulated image API at %s: results are placeholders", settings.api_url)
+            zygote.send_settings(settings)
+        dsn = resolve_dsn(settings)
+        redactor.add(dsn_password(dsn))
+        with connect(dsn, timeout_s=settings.db_pool_timeout_s) as conn:
+            migrate(conn, settings)
+
+        def reload_settings() -> Settings:
+            new = reread_settings()
+            check_settings(new)
+            return new.with_(api_url=new.api_url or settings.api_url)
+
+        arbiter = Arbiter(
+            settings,
+            dsn=dsn,
+            zygote=zygote,
+            block=block,
+            reload_settings=reload_settings,
+            hooks=Ops(settings, redactor=redactor),
+            bucket=bucket,
+        )
+        return run_coroutine(arbiter.run())
+    finally:
+        _stop_zygote(zygote)
+        sim.stop()
+        with contextlib.suppress(OSError):
+            Path(lock_path).unlink()
+
+
+def _stop_zygote(zygote: ZygoteHandle) -> None:
+    """Close its socket (it stops its workers and exits) and reap it: no zombie."""
+    zygote.close()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        pid, _ = os.waitpid(zygote.pid, os.WNOHANG)
+        if pid:
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(zygote.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(zygote.pid, 0)
+
+
+def setup_logging(settings: Settings) -> Redactor:
+    """Every line of this process and its children (forked later) through one redacting
+    handler that knows the API key and the DB password; returns its Redactor."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the CLI's basicConfig: its lines would not be redacted
+        root.removeHandler(handler)
+    fmt: Literal["human", "json"] = "json" if settings.log_format == "json" else "human"
+    secrets = [settings.resolved_api_key(), dsn_password(settings.database_url)]
+    redactor = logs.setup_logging(settings.log_level, fmt, secrets)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return redactor
+
+
+__all__ = ["EXIT_FAILED", "run_node"]

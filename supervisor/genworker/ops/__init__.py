@@ -1,0 +1,2 @@
+"""Operations: metrics, readings, alarms, the /metrics and health server, systemd notify,
+and the status document."""

@@ -1,0 +1,113 @@
+"""The handler registry: which async function runs a job of each kind.
+
+A handler is `async def handler(job: Job, session: aiohttp.ClientSession) -> dict`.
+It returns a JSON-able result dict, or raises a `JobError` (TransientError,
+RateLimited, PermanentError) to say how the job ended. Built in: "image" (the
+provider client) and "noop" (returns {} at once, for benchmarks). More come
+from settings.handlers as "kind=pkg.module:func" (func may be a dotted path
+inside the module, e.g. "pkg.mod:Class.method"); an entry may replace a
+built-in kind.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from genworker.config import ConfigError, Settings
+from genworker.model import Job, PermanentError, unstorable
+
+Handler = Callable[[Job, aiohttp.ClientSession], Awaitable[dict[str, Any]]]
+
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # what genworker.submit_task accepts
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+async def noop(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
+    """Does nothing: measures the machinery without an API."""
+    return {}
+
+
+async def _no_api(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
+    raise PermanentError("image jobs need --api-url (or the simulated API)", alarm="no_api_url")
+
+
+def _is_async_callable(obj: Any) -> bool:
+    if inspect.iscoroutinefunction(obj):
+        return True
+    if inspect.isclass(obj) or not callable(obj):
+        return False
+    return inspect.iscoroutinefunction(type(obj).__call__)  # an instance with an async __call__
+
+
+def checked(kind: str, handler: Handler) -> Handler:
+    """Wrap a handler so a result that is not a storable JSON dict fails that job, not the
+    worker (nor the node's write of the other jobs' outcomes)."""
+
+    @functools.wraps(handler)
+    async def run(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
+        result = await handler(job, session)
+        if not isinstance(result, dict):
+            raise PermanentError(f"handler {kind} returned {type(result).__name__}, not a dict")
+        why = unstorable(result)
+        if why is not None:
+            raise PermanentError(f"handler {kind} returned a result that cannot be stored: {why}")
+        return result
+
+    return run
+
+
+def import_handler(kind: str, target: str) -> Handler:
+    """The async callable named by "pkg.module:attr.path"; ConfigError saying why otherwise."""
+    if not _TARGET.match(target):
+        raise ConfigError(f"handler {kind}: {target!r} is not pkg.module:func")
+    module_name, _, attr_path = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"handler {kind}: cannot import {module_name}: {e}") from None
+    except Exception as e:  # an import runs user code: report any failure in one line
+        raise ConfigError(
+            f"handler {kind}: importing {module_name} failed: {type(e).__name__}: {e}"
+        ) from None
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"handler {kind}: {module_name} has no {attr_path}") from None
+    if not _is_async_callable(obj):
+        raise ConfigError(f"handler {kind}: {target} is not an async function")
+    return obj  # type: ignore[no-any-return]
+
+
+def parse_entry(entry: str) -> tuple[str, str]:
+    kind, sep, target = (s.strip() for s in entry.partition("="))
+    if not sep or not kind or not target:
+        raise ConfigError(f"bad handler {entry!r}: write kind=pkg.module:func")
+    if not _KIND.match(kind):
+        raise ConfigError(
+            f"bad handler kind {kind!r}: a lowercase letter, then up to 31 of a-z, 0-9, _"
+        )
+    return kind, target
+
+
+def load_handlers(settings: Settings) -> dict[str, Handler]:
+    """Every job kind this worker can run, each wrapped by `checked`."""
+    from genworker.api.openai import ImageHandler  # aiohttp client code: only where a handler runs
+
+    image: Handler = ImageHandler(settings) if settings.api_url else _no_api
+    found: dict[str, Handler] = {"image": image, "noop": noop}
+    seen: set[str] = set()
+    for entry in settings.handlers:
+        kind, target = parse_entry(entry)
+        if kind in seen:
+            raise ConfigError(f"handler {kind} is defined twice")
+        seen.add(kind)
+        found[kind] = import_handler(kind, target)
+    return {kind: checked(kind, fn) for kind, fn in found.items()}
