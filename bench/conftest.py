@@ -1,8 +1,9 @@
-"""Benchmark fixtures: a migrated template on the DATABASE_URL server, one database of
-its own per benchmark, fast bulk loading, and a summary written to bench/results/.
+"""Benchmark fixtures: a migrated template on the GENWORKER_TEST_DATABASE_URL server, one
+database of its own per benchmark, fast bulk loading, and a summary written to bench/results/.
 
 Benchmarks measure the real server (PostgreSQL 15 here, its own settings: fsync and
-synchronous_commit on), never the embedded one: without DATABASE_URL they are skipped.
+synchronous_commit on), never the embedded one: without GENWORKER_TEST_DATABASE_URL
+they are skipped (DATABASE_URL, which may be production, is never used).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def bench_admin_dsn() -> str:
-    url = os.environ.get("DATABASE_URL")
+    url = os.environ.get("GENWORKER_TEST_DATABASE_URL")
     if not url:
-        pytest.skip("benchmarks run against a real server: set DATABASE_URL")
+        pytest.skip("benchmarks run against a real server: set GENWORKER_TEST_DATABASE_URL")
     return url
 
 
@@ -109,7 +110,7 @@ def queue_summary(bench_admin_dsn: str) -> Iterator[dict[str, Any]]:
     summary: dict[str, Any] = {
         "what": "genworker queue: claim + complete through genworker.queue.store.Queue, "
         "one connection",
-        "command": "DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test "
+        "command": "GENWORKER_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test "
         ".venv/bin/pytest bench/test_bench_queue.py --benchmark-json=/tmp/queue-raw.json",
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {

@@ -33,8 +33,9 @@ GENWORKER = [sys.executable, "-m", "genworker.cli"]
 
 
 def admin_dsn() -> str:
-    """Benchmarks measure the real PostgreSQL server: DATABASE_URL, or the local one."""
-    return os.environ.get("DATABASE_URL") or DEFAULT_DSN
+    """Benchmarks measure the real PostgreSQL server: GENWORKER_TEST_DATABASE_URL, or the
+    local one (never DATABASE_URL, which may be production)."""
+    return os.environ.get("GENWORKER_TEST_DATABASE_URL") or DEFAULT_DSN
 
 
 @contextlib.contextmanager

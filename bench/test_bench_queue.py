@@ -1,10 +1,10 @@
-"""Queue benchmarks on the real PostgreSQL (DATABASE_URL), one connection, the real Queue:
+"""Queue benchmarks on the real PostgreSQL (GENWORKER_TEST_DATABASE_URL), one connection, the real Queue:
 
 - throughput: claim a batch and complete it as ok, at batch sizes 1, 10, 100, 500;
 - claim latency at batch 100: with 0 and 1,000,000 finished jobs in the table, and with
   100,000 runnable jobs (1,000 tasks, 100 tenants) against a small queue.
 
-Run: DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \
+Run: GENWORKER_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \
      .venv/bin/pytest bench/test_bench_queue.py --benchmark-json=/tmp/queue-raw.json
 (the summary goes to bench/results/queue.json; the raw pytest-benchmark data is large)
 """

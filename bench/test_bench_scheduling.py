@@ -9,7 +9,7 @@ latency L = 100 ms +- 20 ms, tasks submitted at their arrival times.
 * scaling: 1 to 16 workers at 50 ms, jobs/s and CPU per 1,000 jobs;
 * the claim's latency with 100,000 runnable jobs against an almost empty queue.
 
-Run: DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \
+Run: GENWORKER_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \
      .venv/bin/pytest bench/test_bench_scheduling.py
 Figures: bench/results/scheduling.json; charts: bench/results/scheduling_*.png.
 """
@@ -68,7 +68,7 @@ L_S = 0.1
 DEFAULTS = Settings()
 RESULTS_FILE = "scheduling.json"
 COMMAND = (
-    "DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test "
+    "GENWORKER_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test "
     ".venv/bin/pytest bench/test_bench_scheduling.py"
 )
 

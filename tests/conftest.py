@@ -1,8 +1,9 @@
 """Test databases: one migrated template per session, copied per test.
 
-With DATABASE_URL set (CI sets it) the tests use that server; without it they
-start an embedded PostgreSQL in a temporary directory and delete it at the end,
-so the suite passes on a machine with no server at all.
+With GENWORKER_TEST_DATABASE_URL set (CI sets it) the tests use that server; without
+it they start an embedded PostgreSQL in a temporary directory and delete it at the
+end, so the suite passes on a machine with no server at all. DATABASE_URL, which may
+point at production, is never used: it is removed from the environment at start.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from genworker.config import Settings
 from genworker.queue import schema
 from genworker.queue.client import Client
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from testdb import database_name, forget_production_database, leftover_pid, test_server_dsn
 
 _counter = itertools.count()
 
@@ -28,13 +30,25 @@ def _dbname(dsn: str) -> str:
     return conninfo_to_dict(dsn).get("dbname") or "postgres"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    forgotten = forget_production_database()
+    if forgotten:
+        config.issue_config_time_warning(
+            pytest.PytestWarning(
+                f"{' and '.join(forgotten)} ignored: the tests use only "
+                "GENWORKER_TEST_DATABASE_URL, else an embedded server of their own"
+            ),
+            stacklevel=2,
+        )
+
+
 def _drop_leftovers(admin: psycopg.Connection) -> None:
-    """Drop test databases of earlier runs that died before cleaning up."""
-    rows = admin.execute(
-        "SELECT datname FROM pg_database WHERE datname ~ '^gwt(pl)?_[0-9]+(_[0-9]+)?$'"
-    ).fetchall()
+    """Drop this host's test databases of earlier runs that died before cleaning up."""
+    rows = admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'gwt%'").fetchall()
     for (name,) in rows:
-        pid = int(name.split("_")[1])
+        pid = leftover_pid(name)
+        if pid is None:
+            continue  # another host's, or not a test database
         try:
             os.kill(pid, 0)
             continue  # that run is still going
@@ -52,7 +66,7 @@ def _drop_leftovers(admin: psycopg.Connection) -> None:
 @pytest.fixture(scope="session")
 def admin_dsn() -> Iterator[str]:
     """A DSN to a server where the tests may create databases."""
-    url = os.environ.get("DATABASE_URL")
+    url = test_server_dsn(os.environ)
     if url:
         yield url
         return
@@ -71,7 +85,7 @@ def admin_dsn() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def template_db(admin_dsn: str) -> Iterator[str]:
     """A database migrated once, then copied for each test."""
-    name = f"gwtpl_{os.getpid()}"
+    name = database_name(os.getpid(), template=True)
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         _drop_leftovers(admin)
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -86,7 +100,7 @@ def template_db(admin_dsn: str) -> Iterator[str]:
 
 
 def create_db(admin_dsn: str, template: str) -> str:
-    name = f"gwt_{os.getpid()}_{next(_counter)}"
+    name = database_name(os.getpid(), next(_counter))
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         # the default strategy (WAL_LOG on 15+) copies a small template without the
         # checkpoint FILE_COPY forces: 0.04 s a database instead of up to a second
@@ -112,7 +126,7 @@ def dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
 @pytest.fixture
 def empty_dsn(admin_dsn: str) -> Iterator[str]:
     """A fresh database with no genworker schema."""
-    name = f"gwt_{os.getpid()}_{next(_counter)}"
+    name = database_name(os.getpid(), next(_counter))
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = make_conninfo(admin_dsn, dbname=name)

@@ -17,6 +17,7 @@ from genworker.queue.client import Client
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 from queue_support import counts
+from testdb import database_name
 
 # ------------------------------------------------------------------ idempotency
 
@@ -60,7 +61,7 @@ def test_concurrent_submits_of_one_key_make_one_task(dsn: str, conn: psycopg.Con
 
 @pytest.fixture(scope="module")
 def shared_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
-    name = f"gwt_{os.getpid()}_999999"  # the shape conftest cleans up after a crashed run
+    name = database_name(os.getpid(), 999999)  # the shape conftest cleans up after a crash
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     try:
