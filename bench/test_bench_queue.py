@@ -1,4 +1,5 @@
-"""Queue benchmarks on the real PostgreSQL (GENWORKER_TEST_DATABASE_URL), one connection, the real Queue:
+"""Queue benchmarks on the real PostgreSQL (GENWORKER_TEST_DATABASE_URL), one connection,
+the real Queue:
 
 - throughput: claim a batch and complete it as ok, at batch sizes 1, 10, 100, 500;
 - claim latency at batch 100: with 0 and 1,000,000 finished jobs in the table, and with
