@@ -3,42 +3,54 @@
 Every setting is declared once, in `Settings`, with its environment variable,
 help text and bounds in the field's metadata. The CLI builds its flags from the
 same declarations, so `--help`, the env vars and `genworker config` never drift.
+The values themselves are parsed and checked in config_values.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-DEFAULT_CONFIG_FILE = Path("/etc/genworker/genworker.toml")
-
-
-class ConfigError(ValueError):
-    """A setting has a bad value; the message is one line that says which and how to fix it."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    name: str
-    images: int
-    priority: int  # lower is served first
-    tenant_cap: int | None = None  # a tenant's jobs of this plan in flight; None: --tenant-cap
-
-
-DEFAULT_PLANS: tuple[Plan, ...] = (
-    Plan("free", 2, 0),
-    Plan("start", 30, 1),
-    Plan("pro", 70, 2),
+from genworker.config_values import (
+    DEFAULT_PLANS,
+    ConfigError,
+    Plan,
+    check_bounds,
+    check_dsn,
+    format_plans,
+    mask_dsn,
+    parse_bool,
+    parse_plans,
+    parse_scalar,
+    plans_from,
+    read_toml,
 )
 
+__all__ = [  # the names callers import from here, wherever they are defined
+    "CENTURY_S",
+    "DEFAULT_CONFIG_FILE",
+    "DEFAULT_PLANS",
+    "FIELDS",
+    "ConfigError",
+    "Plan",
+    "Settings",
+    "build",
+    "check_dsn",
+    "display_value",
+    "env_name",
+    "flag_name",
+    "format_plans",
+    "load_file",
+    "mask_dsn",
+    "parse_plans",
+]
+
+DEFAULT_CONFIG_FILE = Path("/etc/genworker/genworker.toml")
 
 CENTURY_S = 100 * 365 * 86400.0  # a bound for ages and TTLs PostgreSQL can add to now()
 
@@ -293,19 +305,6 @@ def env_name(name: str) -> str:
     )
 
 
-def mask_dsn(dsn: str) -> str:
-    """A DSN fit to print: the password replaced by ***."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable DSN>"
-    if parts.password is None:
-        # key=value form; a quoted value may hold spaces
-        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def display_value(name: str, value: Any) -> str:
     """A value fit to print: secrets masked."""
     if value is None:
@@ -321,46 +320,6 @@ def display_value(name: str, value: Any) -> str:
     return str(value)
 
 
-def format_plans(plans: tuple[Plan, ...]) -> str:
-    return ",".join(
-        f"{p.name}={p.images}:{p.priority}" + ("" if p.tenant_cap is None else f":{p.tenant_cap}")
-        for p in plans
-    )
-
-
-_PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-
-
-def parse_plans(text: str) -> tuple[Plan, ...]:
-    plans = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        m = re.fullmatch(r"([^=]+)=(\d+)(?::(-?\d+)(?::(\d+))?)?", item)
-        if not m:
-            raise ConfigError(
-                f"bad plan {item!r}: write name=images:priority[:tenant_cap], e.g. pro=70:2:20"
-            )
-        cap = None if m[4] is None else int(m[4])
-        plans.append(Plan(m[1].strip(), int(m[2]), int(m[3] or 0), cap))
-    return _check_plans(plans)
-
-
-def _check_plans(plans: list[Plan]) -> tuple[Plan, ...]:
-    if not plans:
-        raise ConfigError("plans: at least one plan is needed")
-    names = set()
-    for p in plans:
-        if not _PLAN_NAME.match(p.name):
-            raise ConfigError(f"bad plan name {p.name!r}: use lowercase letters, digits, - and _")
-        if not 1 <= p.images <= 10000:
-            raise ConfigError(f"plan {p.name}: images must be 1..10000, got {p.images}")
-        if p.tenant_cap is not None and not 0 <= p.tenant_cap <= 1_000_000:
-            raise ConfigError(f"plan {p.name}: tenant_cap must be 0..1000000, got {p.tenant_cap}")
-        if p.name in names:
-            raise ConfigError(f"plan {p.name} is defined twice")
-        names.add(p.name)
-    return tuple(plans)
-
-
 def _convert(name: str, raw: Any, source: str) -> Any:
     """Turn a raw value (string from env/flag, or TOML value) into the field's type."""
     f = FIELDS[name]
@@ -368,19 +327,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     where = flag_name(name) if source == "flag" else f"{source} {name}"
     try:
         if name == "plans":
-            if isinstance(raw, Mapping):  # TOML: [plans.pro] images = 70, priority = 2
-                return _check_plans(
-                    [
-                        Plan(
-                            k,
-                            int(v["images"]),
-                            int(v.get("priority", 0)),
-                            None if v.get("tenant_cap") is None else int(v["tenant_cap"]),
-                        )
-                        for k, v in raw.items()
-                    ]
-                )
-            return parse_plans(str(raw))
+            return plans_from(raw)
         if name == "handlers":
             items = raw if isinstance(raw, list) else str(raw).split(",")
             if not all(isinstance(s, str) for s in items):
@@ -389,59 +336,19 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         if raw is None or (isinstance(raw, str) and raw == "" and "None" in typ):
             return None
         if typ.startswith("bool"):
-            if isinstance(raw, bool):
-                return raw
-            s = str(raw).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(raw)
-        if typ.startswith("int"):
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            value: Any = int(raw)
-        elif typ.startswith("float"):
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            value = float(raw)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(raw)
-        elif typ.startswith("Path"):
-            value = Path(str(raw)).expanduser()
-        else:
-            value = str(raw)
+            return parse_bool(raw)
+        value = parse_scalar(typ, raw)
     except ConfigError:
         raise  # already says what is wrong (a bad plan, say)
     except (TypeError, ValueError, KeyError, AttributeError):
         kind = typ.split(" ")[0].split("|")[0]
         raise ConfigError(f"{where}: expected {kind}, got {raw!r}") from None
-    lo, hi, choices = f.metadata["lo"], f.metadata["hi"], f.metadata["choices"]
-    if lo is not None and value < lo:
-        raise ConfigError(f"{where}: must be at least {lo:g}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{where}: must be at most {hi:g}, got {value!r}")
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
-    if isinstance(value, str) and "\x00" in value:
-        raise ConfigError(f"{where}: contains a NUL byte")
+    check_bounds(where, value, f.metadata)
     return value
 
 
 def load_file(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not valid UTF-8") from None
-    except RecursionError:  # tomllib recurses once per nesting level
-        raise ConfigError(f"config file {path} is not valid TOML: nested too deeply") from None
+    data = read_toml(path)
     unknown = sorted(set(data) - set(FIELDS) - {"config_file"})
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
@@ -486,36 +393,3 @@ def build(
     if settings.database_url is not None:
         check_dsn(settings.database_url)
     return settings, sources
-
-
-_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-
-
-def check_dsn(dsn: str) -> None:
-    """Reject a DSN libpq would refuse (or misread) at connect time, before anything starts:
-    a typo in DATABASE_URL is a usage error (exit 2), not a node that restarts forever.
-    The message never echoes the password."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    def bad(why: str) -> ConfigError:
-        shown = mask_dsn(dsn)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        return ConfigError(
-            f"DATABASE_URL {why} ({shown}): "
-            "expected e.g. postgresql://user:password@host:5432/dbname"
-        )
-
-    try:
-        parts = conninfo_to_dict(dsn)
-    except Exception:  # psycopg raises ProgrammingError with the DSN inside; do not echo it
-        raise bad("is not a valid PostgreSQL DSN") from None
-    for port in str(parts.get("port") or "5432").split(","):
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise bad(f"has a bad port {port[:20]!r}")
-    if parts.get("sslmode") is not None and parts["sslmode"] not in _SSLMODES:
-        raise bad(f"has an unknown sslmode (one of {', '.join(_SSLMODES)})")
-    for host in str(parts.get("host") or "").split(","):
-        if host.startswith("/"):
-            continue  # a socket directory
-        if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
-            raise bad("has a host name longer than DNS allows")
