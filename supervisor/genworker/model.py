@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, NamedTuple, NewType
+from typing import Any, Literal, NamedTuple, NewType
 
 JobId = NewType("JobId", int)
 TaskId = NewType("TaskId", int)
@@ -67,22 +67,39 @@ class Outcome(NamedTuple):
     api_calls: int = 1
 
 
+# Which part of a call failed, for the worker's counters: the provider's HTTP answer, no
+# answer in time, the connection, a 2xx answer we could not use, or storing the result.
+Cause = Literal["http", "timeout", "connection", "answer", "storage"]
+
+
 class JobError(Exception):
     """Base of the errors a handler raises to say how its job ended.
 
     Handlers return a result dict on success and raise one of these otherwise;
-    any other exception is treated as a transient failure of that job.
+    any other exception is treated as a transient failure of that job. `status` and
+    `cause` describe the failed call, when there was one (None for a handler's own error).
     """
 
     outcome = OutcomeKind.RETRY
+    # class-level defaults too: a subclass whose __init__ skips ours still reads as "no call"
+    status: int | None = None
+    cause: Cause | None = None
 
     def __init__(
-        self, reason: str, *, retry_after_s: float | None = None, alarm: str | None = None
+        self,
+        reason: str,
+        *,
+        retry_after_s: float | None = None,
+        alarm: str | None = None,
+        status: int | None = None,
+        cause: Cause | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s  # the wait the provider asked for, if any
         self.alarm = alarm
+        self.status = status
+        self.cause = cause
 
 
 class TransientError(JobError):

@@ -31,18 +31,8 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 class ApiTimeout(TransientError):
     """The provider did not answer in time (a TransientError the limiter counts apart)."""
 
-    status: int | None = None
-    cause = "timeout"
-
-
-def tag(err: JobError, *, status: int | None = None, cause: str | None = None) -> JobError:
-    """Attach the HTTP status and the cause ("http", "timeout", "connection", "answer").
-
-    The worker's counters read them with getattr; model.JobError does not declare
-    them (it is shared vocabulary, kept free of HTTP).
-    """
-    err.__dict__.update(status=status, cause=cause)
-    return err
+    def __init__(self, reason: str, *, alarm: str | None = None) -> None:
+        super().__init__(reason, alarm=alarm, cause="timeout")
 
 
 def scrub(text: str, key: str | None = None) -> str:
@@ -167,20 +157,18 @@ def classify(
     message, etype, code = error_fields(body)
     label = code or etype
     reason = scrub(f"HTTP {status}{' ' + label if label else ''}: {message or 'no message'}", key)
-    err: JobError
     if status == 429:
         if "insufficient_quota" in (code, etype):
-            err = PermanentError(reason, alarm="insufficient_quota")
-        else:
-            wait = retry_after_s(headers)
-            if wait is None:
-                wait = DEFAULT_RATE_LIMIT_WAIT_S
-            err = RateLimited(reason, retry_after_s=wait)
-    elif status in (401, 403):
-        err = PermanentError(reason, alarm="bad_api_key")
-    elif status in (408, 409) or status >= 500:
+            return PermanentError(reason, alarm="insufficient_quota", status=status, cause="http")
+        wait = retry_after_s(headers)
+        if wait is None:
+            wait = DEFAULT_RATE_LIMIT_WAIT_S
+        return RateLimited(reason, retry_after_s=wait, status=status, cause="http")
+    if status in (401, 403):
+        return PermanentError(reason, alarm="bad_api_key", status=status, cause="http")
+    if status in (408, 409) or status >= 500:
         # 408/409 are retried by OpenAI's own client too: the request may succeed next time
-        err = TransientError(reason, retry_after_s=retry_after_s(headers))
-    else:
-        err = PermanentError(reason)
-    return tag(err, status=status, cause="http")
+        return TransientError(
+            reason, retry_after_s=retry_after_s(headers), status=status, cause="http"
+        )
+    return PermanentError(reason, status=status, cause="http")

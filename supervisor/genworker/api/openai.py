@@ -16,10 +16,11 @@ from typing import Any
 
 import aiohttp
 
-from genworker.api.errors import ApiTimeout, classify, scrub, tag
+from genworker.api.errors import ApiTimeout, classify, scrub
+from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import MAX_FILE_BYTES, sniff_mime, store_image
 from genworker.config import ConfigError, Settings
-from genworker.model import Job, PermanentError, TransientError
+from genworker.model import Job, JobError, OutcomeKind, PermanentError, TransientError
 
 MAX_BODY_BYTES = MAX_FILE_BYTES  # a b64 answer larger than this is refused, not buffered
 MAX_ERROR_BODY_BYTES = 64 * 1024  # an error body only needs its message
@@ -52,28 +53,39 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
     """The body, or TransientError when it is larger than `cap` (never buffered beyond it)."""
     if resp.content_length is not None and resp.content_length > cap:
         too_large = f"provider answer too large: {resp.content_length} bytes > {cap}"
-        raise tag(TransientError(too_large), status=resp.status, cause="answer")
+        raise TransientError(too_large, status=resp.status, cause="answer")
     parts: list[bytes] = []
     size = 0
     while chunk := await resp.content.read(64 * 1024):
         size += len(chunk)
         if size > cap:
             too_large = f"provider answer too large: over {cap} bytes"
-            raise tag(TransientError(too_large), status=resp.status, cause="answer")
+            raise TransientError(too_large, status=resp.status, cause="answer")
         parts.append(chunk)
     return b"".join(parts)
 
 
 class ImageHandler:
-    """`await handler(job, session) -> dict`: one image generation per job."""
+    """`await handler(job, session) -> dict`: one image generation per job.
 
-    def __init__(self, settings: Settings) -> None:
+    With a `bucket` (the host's --api-rps budget) it paces its own calls: the worker
+    awaits `pace` before each call, and every rate limit the provider answers slows the
+    bucket down.
+    """
+
+    def __init__(self, settings: Settings, bucket: SharedTokenBucket | None = None) -> None:
         if not settings.api_url:
             raise ConfigError("the image handler needs --api-url (or the simulated API)")
         self.settings = settings
         self.url = generations_url(settings.api_url)
         self.key = settings.resolved_api_key()
         self.output_dir: Path = settings.resolved_output_dir
+        self.bucket = bucket
+
+    async def pace(self) -> None:
+        """Wait for the host's next request token, if it has a budget."""
+        if self.bucket is not None:
+            await self.bucket.acquire()
 
     def _request(self, job: Job) -> tuple[dict[str, Any], dict[str, str]]:
         prompt = job.params.get("prompt")
@@ -92,6 +104,14 @@ class ImageHandler:
         return body, headers
 
     async def __call__(self, job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
+        try:
+            return await self._generate(job, session)
+        except JobError as e:
+            if self.bucket is not None and (e.status == 429 or e.outcome is OutcomeKind.SNOOZE):
+                self.bucket.on_rate_limited(e.retry_after_s)
+            raise
+
+    async def _generate(self, job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
         body, headers = self._request(job)
         try:
             async with session.post(self.url, json=body, headers=headers) as resp:
@@ -100,8 +120,8 @@ class ImageHandler:
                     raise classify(resp.status, resp.headers, raw, self.key)
                 if resp.content_type != "application/json":
                     ctype = scrub(resp.content_type)
-                    raise tag(
-                        TransientError(f"provider answered {ctype} instead of JSON"),
+                    raise TransientError(
+                        f"provider answered {ctype} instead of JSON",
                         status=resp.status,
                         cause="answer",
                     )
@@ -112,7 +132,7 @@ class ImageHandler:
             raise PermanentError("invalid API URL", alarm="bad_api_url") from None
         except aiohttp.ClientError as e:
             detail = scrub(f"{type(e).__name__} {e}", self.key)
-            raise tag(TransientError(f"connection error: {detail}"), cause="connection") from None
+            raise TransientError(f"connection error: {detail}", cause="connection") from None
         return await self._result(raw, session, resp.status)
 
     async def _result(
@@ -124,8 +144,8 @@ class ImageHandler:
             raise
         except TransientError as e:
             # a 2xx that we could not use: the answer's fault (the worker counts it apart)
-            if "cause" not in e.__dict__:
-                tag(e, status=status, cause="answer")
+            if e.cause is None:
+                e.status, e.cause = status, "answer"
             raise
 
     async def _result_of(self, raw: bytes, session: aiohttp.ClientSession) -> dict[str, Any]:
@@ -149,14 +169,14 @@ class ImageHandler:
         try:
             async with session.get(url) as resp:
                 if resp.status != 200:
-                    failed = TransientError(f"image download failed: HTTP {resp.status}")
-                    raise tag(failed, status=resp.status, cause="http")
+                    failed = f"image download failed: HTTP {resp.status}"
+                    raise TransientError(failed, status=resp.status, cause="http")
                 return await read_capped(resp, MAX_FILE_BYTES)
         except TimeoutError:
             raise ApiTimeout("image download timed out") from None
         except aiohttp.ClientError as e:
-            failed = TransientError(f"image download failed: {type(e).__name__}")
-            raise tag(failed, cause="connection") from None
+            failed = f"image download failed: {type(e).__name__}"
+            raise TransientError(failed, cause="connection") from None
 
     async def _store(self, data: bytes) -> dict[str, Any]:
         mime = sniff_mime(data)
@@ -166,8 +186,8 @@ class ImageHandler:
             return await store_image(self.output_dir, data, mime)
         except OSError as e:
             # a full disk is this host's problem, not the job's: retry (maybe elsewhere)
-            failed = TransientError(f"cannot store image: {e.strerror}")
-            raise tag(failed, cause="storage") from None
+            failed = f"cannot store image: {e.strerror}"
+            raise TransientError(failed, cause="storage") from None
 
 
 def first_image(raw: bytes) -> dict[str, Any]:

@@ -7,23 +7,37 @@ provider client) and "noop" (returns {} at once, for benchmarks). More come
 from settings.handlers as "kind=pkg.module:func" (func may be a dotted path
 inside the module, e.g. "pkg.mod:Class.method"); an entry may replace a
 built-in kind.
+
+A handler that paces its own calls (the image handler, under --api-rps) has an
+`async def pace(self)`: the worker awaits it before the call, outside the call's time.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 
 from genworker.config import ConfigError, Settings
 from genworker.model import Job, PermanentError, unstorable
 
+if TYPE_CHECKING:
+    from genworker.api.limiter import SharedTokenBucket
+
 Handler = Callable[[Job, aiohttp.ClientSession], Awaitable[dict[str, Any]]]
+Pace = Callable[[], Awaitable[None]]
+
+
+@runtime_checkable
+class Paced(Protocol):
+    """A handler that owns a rate limit: `pace` returns when its next call may start."""
+
+    async def pace(self) -> None: ...
+
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # what genworker.submit_task accepts
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -46,13 +60,18 @@ def _is_async_callable(obj: Any) -> bool:
     return inspect.iscoroutinefunction(type(obj).__call__)  # an instance with an async __call__
 
 
-def checked(kind: str, handler: Handler) -> Handler:
-    """Wrap a handler so a result that is not a storable JSON dict fails that job, not the
-    worker (nor the node's write of the other jobs' outcomes)."""
+class Checked:
+    """A handler wrapped so a result that is not a storable JSON dict fails that job, not
+    the worker (nor the node's write of the other jobs' outcomes)."""
 
-    @functools.wraps(handler)
-    async def run(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
-        result = await handler(job, session)
+    def __init__(self, kind: str, handler: Handler) -> None:
+        self.kind = kind
+        self.__wrapped__ = handler
+        self.pace: Pace | None = handler.pace if isinstance(handler, Paced) else None
+
+    async def __call__(self, job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
+        kind = self.kind
+        result = await self.__wrapped__(job, session)
         if not isinstance(result, dict):
             raise PermanentError(f"handler {kind} returned {type(result).__name__}, not a dict")
         why = unstorable(result)
@@ -60,7 +79,10 @@ def checked(kind: str, handler: Handler) -> Handler:
             raise PermanentError(f"handler {kind} returned a result that cannot be stored: {why}")
         return result
 
-    return run
+
+def paces(handlers: dict[str, Handler]) -> dict[str, Pace]:
+    """The kinds whose handler paces its own calls, and how."""
+    return {k: h.pace for k, h in handlers.items() if isinstance(h, Checked) and h.pace}
 
 
 def import_handler(kind: str, target: str) -> Handler:
@@ -97,11 +119,14 @@ def parse_entry(entry: str) -> tuple[str, str]:
     return kind, target
 
 
-def load_handlers(settings: Settings) -> dict[str, Handler]:
-    """Every job kind this worker can run, each wrapped by `checked`."""
+def load_handlers(
+    settings: Settings, bucket: SharedTokenBucket | None = None
+) -> dict[str, Handler]:
+    """Every job kind this worker can run, each wrapped in `Checked`; the image handler
+    draws from `bucket`, the host's request budget, when there is one."""
     from genworker.api.openai import ImageHandler  # aiohttp client code: only where a handler runs
 
-    image: Handler = ImageHandler(settings) if settings.api_url else _no_api
+    image: Handler = ImageHandler(settings, bucket) if settings.api_url else _no_api
     found: dict[str, Handler] = {"image": image, "noop": noop}
     seen: set[str] = set()
     for entry in settings.handlers:
@@ -110,4 +135,4 @@ def load_handlers(settings: Settings) -> dict[str, Handler]:
             raise ConfigError(f"handler {kind} is defined twice")
         seen.add(kind)
         found[kind] = import_handler(kind, target)
-    return {kind: checked(kind, fn) for kind, fn in found.items()}
+    return {kind: Checked(kind, fn) for kind, fn in found.items()}

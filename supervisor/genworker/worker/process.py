@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from setproctitle import setproctitle
@@ -114,6 +114,8 @@ class Worker:
         self.places = list(range(ch.RUNNING_PLACES)) if tracked else []
         self.place_of: dict[int, int] = {}
         self.outbox: list[Outcome] = []
+        # kinds whose handler paces its own calls (set with the handlers, in run)
+        self.paces: dict[str, Callable[[], Awaitable[None]]] = {}
         self.stop_reason: str | None = None
         self.done = asyncio.Event()
         self.orphaned = False
@@ -122,19 +124,20 @@ class Worker:
     async def run(self) -> int:
         from genworker.api.limiter import Aimd, SharedTokenBucket
         from genworker.api.openai import make_session
-        from genworker.worker.handlers import load_handlers
+        from genworker.worker.handlers import load_handlers, paces
 
         loop = asyncio.get_running_loop()
-        try:
-            self.handlers = load_handlers(self.settings)
-        except Exception as e:  # a bad --handler is a boot error, not a crash loop
-            raise BootError(str(e)) from None
-        self.aimd = Aimd(self.settings.concurrency)
-        self.bucket = (
+        bucket = (
             SharedTokenBucket(self.block.bucket_buffer(), self.bucket_lock)
             if self.bucket_lock
             else None
         )
+        try:
+            self.handlers = load_handlers(self.settings, bucket)
+        except Exception as e:  # a bad --handler is a boot error, not a crash loop
+            raise BootError(str(e)) from None
+        self.paces = paces(self.handlers)
+        self.aimd = Aimd(self.settings.concurrency)
         self.session = make_session(self.settings)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "shutdown")
         self.chan = await ch.open_channel(self.sock, self.on_message, self.on_close)
@@ -236,8 +239,9 @@ class Worker:
                 error=f"no handler for job kind {job.kind!r}",
                 api_calls=0,
             )
-        if self.bucket is not None and job.kind == "image":
-            await self.bucket.acquire()
+        pace = self.paces.get(job.kind)
+        if pace is not None:
+            await pace()  # the handler's own rate limit: waiting for it is not the call's time
         t0 = time.monotonic()
         try:
             result = await handler(job, self.session)
@@ -268,13 +272,11 @@ class Worker:
             s[ch.API_2XX] += 1
             self.aimd.on_success()
             return
-        status = getattr(error, "status", None)
-        cause = getattr(error, "cause", None)
+        status = error.status if error is not None else None
+        cause = error.cause if error is not None else None
         if status == 429 or (error is not None and error.outcome is OutcomeKind.SNOOZE):
             s[ch.API_429] += 1
             self.aimd.on_rate_limited()
-            if self.bucket is not None and error is not None:
-                self.bucket.on_rate_limited(error.retry_after_s)
         elif cause == "timeout":
             s[ch.API_TIMEOUT] += 1
             self.aimd.on_timeout()
