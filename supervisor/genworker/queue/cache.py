@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -70,11 +68,6 @@ class Cache(Protocol):
     async def close(self) -> None: ...
 
 
-@cache
-def _queries() -> dict[str, str]:
-    return sql.parse_blocks((resources.files(sql) / "cache.sql").read_text("utf-8"))
-
-
 @dataclass
 class PostgresCache:
     """The genworker.cache table, over the supervisor's connection pool."""
@@ -86,7 +79,7 @@ class PostgresCache:
         if not keys:
             return {}
         async with self.pool.connection() as conn:
-            cur = await conn.execute(_queries()["cache_get"], {"keys": list(keys)})
+            cur = await conn.execute(sql.query("cache_get"), {"keys": list(keys)})
             found = {key: result for key, result in await cur.fetchall()}
         self.stats.hits += len(found)
         self.stats.misses += len(set(keys)) - len(found)
@@ -102,7 +95,7 @@ class PostgresCache:
             "ttl_s": float(ttl_s),
         }
         async with self.pool.connection() as conn:
-            await conn.execute(_queries()["cache_put"], params)
+            await conn.execute(sql.query("cache_put"), params)
         self.stats.writes += len(items)
 
     async def prune(self) -> int:
@@ -110,7 +103,7 @@ class PostgresCache:
         total = 0
         while True:
             async with self.pool.connection() as conn:
-                cur = await conn.execute(_queries()["cache_prune"], {"limit": PRUNE_BATCH})
+                cur = await conn.execute(sql.query("cache_prune"), {"limit": PRUNE_BATCH})
                 total += cur.rowcount
             if cur.rowcount < PRUNE_BATCH:
                 return total

@@ -1,4 +1,9 @@
-"""SQL lives in .sql files: `queries.sql` holds named blocks, `migrations/` numbered files."""
+"""SQL lives in .sql files: named blocks in this folder's files, `migrations/` numbered files.
+
+The one loader of SQL text: every `*.sql` here (queries.sql for the queue, cache.sql for
+the result cache, ops.sql for the readings) is read once, and a block is found by its
+name alone, so names are unique across the files.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +31,22 @@ def parse_blocks(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    return parse_blocks((resources.files(__package__) / "queries.sql").read_text("utf-8"))
+    """Every named block of every .sql file here, read once."""
+    found: dict[str, str] = {}
+    files = sorted(resources.files(__package__).iterdir(), key=lambda entry: entry.name)
+    for entry in files:
+        if not entry.name.endswith(".sql"):
+            continue
+        blocks = parse_blocks(entry.read_text("utf-8"))
+        twice = found.keys() & blocks.keys()
+        if twice:
+            raise RuntimeError(f"{entry.name}: SQL blocks named twice: {sorted(twice)}")
+        found.update(blocks)
+    return found
 
 
 def query(name: str) -> str:
+    """The SQL of the block `-- name --`."""
     return queries()[name]
 
 
