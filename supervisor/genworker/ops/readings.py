@@ -123,16 +123,9 @@ class DbFigures:
                 await asyncio.wait_for(stop.wait(), FIGURES_S)
 
 
-_OPS_QUERIES: dict[str, str] = {}
-
-
 def ops_query(name: str) -> str:
-    if not _OPS_QUERIES:
-        from importlib import resources
-
-        text = (resources.files(sql) / "ops.sql").read_text("utf-8")
-        _OPS_QUERIES.update(sql.parse_blocks(text))
-    return _OPS_QUERIES[name]
+    """A block of queue/sql/ops.sql (the one SQL loader finds it by name)."""
+    return sql.query(name)
 
 
 # ------------------------------------------------------------ pool statistics
