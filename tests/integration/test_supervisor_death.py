@@ -102,7 +102,9 @@ def test_the_built_in_simulated_api_does_not_outlive_its_supervisor(
     node.wait_workers(1)
     client.submit("free", "a snipe")
     wait_all_finished(conn, 2, timeout_s=20)
-    sims = [p.pid for p in processes().values() if p.ppid == node.pid and "genworker.sim" in p.title]
+    sims = [
+        p.pid for p in processes().values() if p.ppid == node.pid and "genworker.sim" in p.title
+    ]
     assert len(sims) == 1, [p.title for p in processes().values() if p.ppid == node.pid]
 
     node.signal(signal.SIGKILL)
