@@ -62,9 +62,12 @@ class Outcome(NamedTuple):
     kind: OutcomeKind
     result: dict[str, Any] | None = None
     error: str | None = None  # short, never contains a secret
-    retry_after_s: float | None = None  # for RETRY/SNOOZE: not before this delay
+    retry_after_s: float | None = None  # RETRY/SNOOZE: the wait the provider (handler) asked for
     alarm: str | None = None  # node-level condition raised by this outcome, e.g. "bad_api_key"
     api_calls: int = 1
+    # RETRY/SNOOZE: the wait the queue writes, set by the node from retry_after_s or the
+    # backoff (queue.store.retry_delay_s); None until then
+    delay_s: float | None = None
 
 
 # Which part of a call failed, for the worker's counters: the provider's HTTP answer, no

@@ -44,7 +44,7 @@ def test_scheduled_retries_are_cancelled_too(
     task = client.submit("free", "a retried heron", n=1)
     with sync_queue(dsn) as q:
         [job] = q.claim("node-a", 1, 30)
-        q.complete([Outcome(job.job_id, job.token, OutcomeKind.RETRY, error="e", retry_after_s=0)])
+        q.complete([Outcome(job.job_id, job.token, OutcomeKind.RETRY, error="e", delay_s=0)])
         assert client.cancel(task) == "cancelled"
         assert q.claim("node-a", 1, 30) == []
     assert job_row(conn, job.job_id)["status"] == "cancelled"

@@ -61,7 +61,7 @@ def test_stale_owner_cannot_release_or_fail_the_job(
             first.job_id
         ]
         assert q.complete(
-            [Outcome(first.job_id, first.token, OutcomeKind.RETRY, error="e", retry_after_s=0)]
+            [Outcome(first.job_id, first.token, OutcomeKind.RETRY, error="e", delay_s=0)]
         ).stale == [first.job_id]
         assert job_row(conn, second.job_id) == before
 

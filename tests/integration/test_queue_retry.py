@@ -67,9 +67,7 @@ def test_retry_waits_until_run_after_then_runs_again(
         assert delay is not None
         assert delay > 1
         before = _now(conn)
-        assert q.complete([failed._replace(retry_after_s=delay)]).applied == {
-            job.job_id: "scheduled"
-        }
+        assert q.complete([failed._replace(delay_s=delay)]).applied == {job.job_id: "scheduled"}
         after = _now(conn)
         row = job_row(conn, job.job_id)
         assert (
@@ -102,7 +100,7 @@ def test_a_provider_retry_after_sets_run_after(
         )
         assert delay == MAX_S  # the provider's hour is capped
         before = _now(conn)
-        q.complete([Outcome(job.job_id, job.token, OutcomeKind.RETRY, retry_after_s=delay)])
+        q.complete([Outcome(job.job_id, job.token, OutcomeKind.RETRY, delay_s=delay)])
         after = _now(conn)
     run_after = job_row(conn, job.job_id)["run_after"]
     assert before + timedelta(seconds=MAX_S) <= run_after <= after + timedelta(seconds=MAX_S)
@@ -116,12 +114,12 @@ def test_retries_past_max_attempts_go_dead(
     with sync_queue(dsn) as q:
         [job] = q.claim("node-a", 1, 30)
         assert q.complete(
-            [Outcome(job.job_id, job.token, OutcomeKind.RETRY, error="HTTP 500", retry_after_s=0)]
+            [Outcome(job.job_id, job.token, OutcomeKind.RETRY, error="HTTP 500", delay_s=0)]
         ).applied == {job.job_id: "scheduled"}
         [job] = q.claim("node-a", 1, 30)  # delay 0: due at once
         assert job.attempt == 2
         assert q.complete(
-            [Outcome(job.job_id, job.token, OutcomeKind.RETRY, error="HTTP 500", retry_after_s=0)]
+            [Outcome(job.job_id, job.token, OutcomeKind.RETRY, error="HTTP 500", delay_s=0)]
         ).applied == {job.job_id: "dead"}
         assert q.claim("node-a", 1, 30) == []
     row = job_row(conn, job.job_id)
@@ -147,7 +145,7 @@ def test_snooze_spends_no_attempt_and_goes_dead_past_snooze_max(
                         job.token,
                         OutcomeKind.SNOOZE,
                         error="429",
-                        retry_after_s=60.0 if snoozed == 60.0 else 30.0,
+                        delay_s=60.0 if snoozed == 60.0 else 30.0,
                     )
                 ]
             )
@@ -158,7 +156,7 @@ def test_snooze_spends_no_attempt_and_goes_dead_past_snooze_max(
             make_due(conn)
         [job] = q.claim("node-a", 1, 30)
         assert q.complete(
-            [Outcome(job.job_id, job.token, OutcomeKind.SNOOZE, error="429", retry_after_s=30.0)]
+            [Outcome(job.job_id, job.token, OutcomeKind.SNOOZE, error="429", delay_s=30.0)]
         ).applied == {job.job_id: "dead"}
     row = job_row(conn, job.job_id)
     assert row["error"] == "rate limited for too long: 429"
@@ -194,8 +192,8 @@ def test_one_batch_may_mix_outcomes_and_delay_types(
         done = q.complete(
             [
                 Outcome(a.job_id, a.token, OutcomeKind.OK, {"i": 0}),
-                Outcome(b.job_id, b.token, OutcomeKind.RETRY, error="e", retry_after_s=delays[0]),
-                Outcome(c.job_id, c.token, OutcomeKind.SNOOZE, error="e", retry_after_s=delays[1]),
+                Outcome(b.job_id, b.token, OutcomeKind.RETRY, error="e", delay_s=delays[0]),
+                Outcome(c.job_id, c.token, OutcomeKind.SNOOZE, error="e", delay_s=delays[1]),
                 Outcome(d.job_id, d.token, OutcomeKind.DEAD, error="bad"),
             ]
         )

@@ -177,7 +177,7 @@ async def _claimer(dsn: str, node: str, seed: int, sync: Any, out: Any) -> None:
             await q.complete([ok(j) for j in leaving[:third]])
             await q.complete(
                 [
-                    Outcome(j.job_id, j.token, OutcomeKind.RETRY, retry_after_s=0)
+                    Outcome(j.job_id, j.token, OutcomeKind.RETRY, delay_s=0)
                     for j in leaving[third : 2 * third]
                 ]
             )

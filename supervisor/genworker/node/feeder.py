@@ -536,7 +536,7 @@ class Feeder:
 
     def _with_delay(self, o: Outcome, attempt: int) -> Outcome:
         base, cap = self.settings.retry_base_s, self.settings.retry_max_s
-        return o._replace(retry_after_s=retry_delay_s(o, attempt, base, cap, self.rng))
+        return o._replace(delay_s=retry_delay_s(o, attempt, base, cap, self.rng))
 
     def _count(self, statuses: Iterable[str]) -> None:
         s = self.stats

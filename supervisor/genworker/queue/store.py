@@ -39,8 +39,8 @@ def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | No
 def retry_delay_s(
     outcome: Outcome, attempt: int, base_s: float, max_s: float, rng: random.Random | None = None
 ) -> float | None:
-    """How long a RETRY/SNOOZE outcome waits: the provider's Retry-After when it gave one
-    (capped), else backoff with jitter. None for outcomes that do not wait."""
+    """How long a RETRY/SNOOZE outcome waits (its `delay_s`): the provider's Retry-After
+    when it gave one (capped), else backoff with jitter. None for outcomes that do not wait."""
     if outcome.kind not in (OutcomeKind.RETRY, OutcomeKind.SNOOZE):
         return None
     asked = _seconds(outcome.retry_after_s)
@@ -70,7 +70,7 @@ def completion_params(outcomes: Sequence[Outcome], snooze_max_s: float) -> dict[
             str(o.kind),
             o.result,
             o.error,
-            None if o.retry_after_s is None else float(o.retry_after_s),
+            None if o.delay_s is None else float(o.delay_s),
         ]
         for o in outcomes
     ]
@@ -131,7 +131,7 @@ class Queue:
         return jobs
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
-        """Write outcomes (each RETRY/SNOOZE with its delay in retry_after_s), fenced."""
+        """Write outcomes (each RETRY/SNOOZE with its `delay_s` set), fenced."""
         if not outcomes:
             return Completed()
         rows = await self._rows("complete_jobs", completion_params(outcomes, self.snooze_max_s))
