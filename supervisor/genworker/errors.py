@@ -54,7 +54,9 @@ class InvalidKind(ValidationError):
     code = "GW007"
 
 
-class TaskNotFound(GenworkerError):
+class TaskNotFound(UsageError):
+    """The caller named a task that does not exist (or was pruned): exit 2, like bad input."""
+
     code = "GW010"
 
 

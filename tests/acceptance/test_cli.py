@@ -41,6 +41,33 @@ def test_submit_wait_succeeds_on_a_node_running_the_simulated_api(dsn: str, tmp_
     assert "results are placeholders" in placeholders[0]
 
 
+def test_show_prints_result_paths_whole_and_escapes_what_a_submitter_wrote(
+    dsn: str, tmp_path: Path
+) -> None:
+    out = tmp_path / ("results-" + "x" * 150)
+    env = {**env_for(dsn), "COLUMNS": "80"}
+    key = "k\x1b]0;owned\x07\x1b[2J"
+    with node(env, tmp_path, "--output-dir", str(out)):
+        done = run(
+            ["submit", "--plan", "free", "--prompt", "a wren", "--key", key, "--wait", "--json"],
+            env,
+        )
+        assert done.returncode == 0, done.stderr
+        task = json.loads(done.stdout)["id"]
+    shown = run(["show", str(task)], env)
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout
+    assert "\x07" not in shown.stdout
+    assert "key k\\x1b]0;owned\\x07\\x1b[2J" in shown.stdout
+    paths = [w for w in shown.stdout.split() if w.startswith(str(out))]
+    assert len(paths) == 2
+    assert all(Path(p).is_file() for p in paths)  # whole: each names the file itself
+    # the task has finished: there is nothing to cancel, and the exit code says so
+    late = run(["cancel", str(task)], env)
+    assert late.returncode == 1
+    assert late.stderr.strip() == f"task {task} had already succeeded: nothing to cancel"
+
+
 def test_submit_wait_exits_1_when_the_task_fails(dsn: str, tmp_path: Path) -> None:
     env = env_for(dsn)
     with (
@@ -154,7 +181,7 @@ def test_errors_on_a_real_database_are_one_line_too(dsn: str, empty_dsn: str) ->
     assert plan.returncode == 2
     assert "platinum" in plan.stderr
     missing = run(["show", "424242"], env_for(dsn))
-    assert (missing.returncode, missing.stderr.strip()) == (1, "genworker: error: no task 424242")
+    assert (missing.returncode, missing.stderr.strip()) == (2, "genworker: error: no task 424242")
     unmigrated = run(["status"], env_for(empty_dsn))
     assert unmigrated.returncode == 1
     assert "genworker migrate" in unmigrated.stderr

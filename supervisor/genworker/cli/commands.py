@@ -18,6 +18,7 @@ from genworker.model import TaskStatus
 from genworker.queue import schema, sql
 from genworker.queue.client import Client, TaskInfo
 from genworker.queue.db import connect, resolve_dsn, translated
+from genworker.text import terminal_safe
 
 WATCH_S = 2.0
 LIVE_NODE_S = 120.0  # a node heard from within this long counts as running (heartbeats: lease/3)
@@ -162,7 +163,7 @@ def _seconds(later: datetime | None, earlier: datetime | None) -> str:
 
 def _one_line(info: TaskInfo) -> str:
     took = f" in {_seconds(info.finished_at, info.created_at)}" if info.finished_at else ""
-    tail = f": {info.error}" if info.error else ""
+    tail = f": {terminal_safe(info.error, 300)}" if info.error else ""
     return (
         f"task {info.id} {info.status}{took}: {info.succeeded}/{info.n_jobs} succeeded, "
         f"{info.dead} dead, {info.cancelled} cancelled{tail}"
@@ -176,18 +177,28 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print_json(info.to_dict())
         return 0
     print(_one_line(info))
-    key = f", key {info.idempotency_key}" if info.idempotency_key else ""
+    key = f", key {terminal_safe(info.idempotency_key)}" if info.idempotency_key else ""
     print(f"  plan {info.plan}, tenant {info.tenant}, kind {info.kind}{key}")
     print(
         f"  created {info.created_at:%Y-%m-%d %H:%M:%S}, waited "
         f"{_seconds(info.started_at, info.created_at)} for its first image, "
         f"took {_seconds(info.finished_at, info.created_at)}"
     )
-    print(f"  params {json.dumps(info.params)[:200]}")
+    print(f"  params {terminal_safe(json.dumps(info.params), 200)}")
     for j in info.jobs:
-        what = j.error or (json.dumps(j.result) if j.result else "")
-        print(f"  #{j.index:<4} {j.status:<10} attempts={j.attempts} {what[:100]}")
+        # a result (where the image is) is printed whole, whatever the terminal's width
+        what = terminal_safe(j.error, 300) if j.error else _result_line(j.result)
+        print(f"  #{j.index:<4} {j.status:<10} attempts={j.attempts} {what}")
     return 0
+
+
+def _result_line(result: dict[str, Any] | None) -> str:
+    if not result:
+        return ""
+    where = result.get("path") or result.get("url")
+    if isinstance(where, str):
+        return terminal_safe(where)
+    return terminal_safe(json.dumps(result))
 
 
 def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
@@ -211,12 +222,17 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 when the task is now cancelled, 1 when it had already finished otherwise."""
     with _open(settings) as conn:
         status = Client(conn=conn).cancel(args.task_id)
-    print_json({"task": args.task_id, "status": str(status)}) if args.json else print(
-        f"task {args.task_id}: {status}"
-    )
-    return 0
+    cancelled = status == TaskStatus.CANCELLED
+    if args.json:
+        print_json({"task": args.task_id, "status": str(status)})
+    elif cancelled:
+        print(f"task {args.task_id}: cancelled")
+    else:
+        print(f"task {args.task_id} had already {status}: nothing to cancel", file=sys.stderr)
+    return 0 if cancelled else 1
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
