@@ -12,11 +12,22 @@ from collections.abc import Iterator
 
 import psycopg
 from psycopg import errors as pgerr
+from psycopg_pool import PoolTimeout
 
 from genworker.config import Settings, mask_dsn
 from genworker.errors import BY_SQLSTATE, DatabaseError, GenworkerError, ValidationError
 
 APP_NAME = "genworker"
+
+# What a long-running loop rides out (log, back off, retry) rather than die of. A statement
+# cancelled by a timeout is one of them: a lock held too long is an outage of sorts.
+DB_ERRORS = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    PoolTimeout,
+    pgerr.QueryCanceled,
+    pgerr.LockNotAvailable,
+)
 
 
 def resolve_dsn(settings: Settings) -> str:
