@@ -140,8 +140,10 @@ def test_the_sims_rate_limit_gives_a_snooze_with_its_wait(tmp_path: Path) -> Non
 
 def test_url_results_are_kept_as_urls_or_fetched_and_stored(tmp_path: Path) -> None:
     async def scenario(url: str, sim: Any) -> tuple[dict[str, Any], dict[str, Any], str]:
-        plain = await call(settings(url, tmp_path, response_format="url"))
-        fetched = await call(settings(url, tmp_path, response_format="url", fetch_urls=True))
+        # gpt-image-1 only answers b64_json: a url answer needs a dall-e model
+        by_url = {"response_format": "url", "model": "dall-e-3"}
+        plain = await call(settings(url, tmp_path, **by_url))
+        fetched = await call(settings(url, tmp_path, fetch_urls=True, **by_url))
         return plain, fetched, url
 
     plain, fetched, url = run_against_sim(SimConfig(latency_ms=1), scenario)
@@ -216,17 +218,17 @@ def test_the_request_has_the_openai_shape_and_our_headers(tmp_path: Path) -> Non
     ok = answer(200, {"data": [{"b64_json": base64.b64encode(png).decode()}]})
 
     async def scenario(url: str) -> dict[str, Any]:
-        return await call(settings(url + "/v1/", tmp_path), job(7, size="512x512"))
+        return await call(settings(url + "/v1/", tmp_path), job(7, size="1536x1024"))
 
     _, seen = run_against_fake(ok, scenario)
     assert seen[0]["headers"]["Authorization"] == f"Bearer {KEY}"
     assert seen[0]["headers"]["X-Client-Request-Id"] == "gw-7-3"
+    # gpt-image-1 refuses response_format (issue 13): the body is the model's contract
     assert seen[0]["body"] == {
         "model": "gpt-image-1",
         "prompt": "a lighthouse at dawn",
         "n": 1,
-        "size": "512x512",
-        "response_format": "b64_json",
+        "size": "1536x1024",
     }
 
 

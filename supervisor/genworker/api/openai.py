@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from genworker import contract
 from genworker.api.errors import ApiTimeout, classify, scrub
 from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import MAX_FILE_BYTES, sniff_mime, store_image
@@ -91,13 +92,14 @@ class ImageHandler:
         prompt = job.params.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise PermanentError("job has no prompt")
-        body = {
-            "model": job.params.get("model") or self.settings.model,
-            "prompt": prompt,
-            "n": 1,
-            "size": job.params.get("size") or self.settings.size,
-            "response_format": self.settings.response_format,
-        }
+        model = job.params.get("model") or self.settings.model
+        body = contract.request_body(
+            model,
+            prompt,
+            job.params,
+            default_size=self.settings.size,
+            response_format=self.settings.response_format,
+        )
         headers = {"X-Client-Request-Id": f"gw-{job.job_id}-{job.token}"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
