@@ -36,9 +36,9 @@ def test_an_unstorable_outcome_fails_its_job_and_the_others_are_written(
         feeder = Feeder(Settings(), dsn, "node-w", list, print)
         await feeder.open()
         stop = asyncio.Event()
-        writer = asyncio.create_task(feeder.write_loop(stop))
+        writer = asyncio.create_task(feeder.writer.write_loop(stop))
         try:
-            feeder._add_pending([(o, 1) for o in outcomes])
+            feeder.writer.add([(o, 1) for o in outcomes])
             stop.set()
             await asyncio.wait_for(writer, 30)  # it would die at the first batch, or hang
         finally:

@@ -206,12 +206,12 @@ def test_a_write_cut_short_by_the_stop_keeps_its_outcomes_pending() -> None:
         feeder.queue.complete = hanging_write  # type: ignore[method-assign]
         outcomes = [(Outcome(i, 1, OutcomeKind.OK, {}), 1) for i in range(3)]
         stop = asyncio.Event()
-        writer = asyncio.create_task(feeder.write_loop(stop))
-        feeder._add_pending(outcomes)
+        writer = asyncio.create_task(feeder.writer.write_loop(stop))
+        feeder.writer.add(outcomes)
         stop.set()
         await asyncio.wait_for(written.wait(), 5)
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
-        return feeder.pending
+        return feeder.holdings.pending
 
     assert asyncio.run(scenario()) == [(Outcome(i, 1, OutcomeKind.OK, {}), 1) for i in range(3)]

@@ -215,10 +215,10 @@ def test_a_node_hands_a_later_claimed_urgent_job_to_the_next_free_slot(
     feeder = Feeder(Settings(), dsn, "node-a", lambda: [worker], lambda name, detail: None)
     with sync_queue(dsn) as q:
         for job in q.claim("node-a", 40, 30):
-            feeder.buffer.append(job)
+            feeder.holdings.buffer.append(job)
         free = submit(client, "free", 2)
         for job in q.claim("node-a", 40, 30):
-            feeder.buffer.append(job)
+            feeder.holdings.buffer.append(job)
     worker.free = 3
     feeder.dispatch()
     assert [j.task_id for j in worker.sent] == [free, free, pro]

@@ -51,8 +51,10 @@ class FakeFeeder:
     buffer: list[Any] = field(default_factory=list)
     suspects: list[Any] = field(default_factory=list)
     pending: list[Any] = field(default_factory=list)
-    gate: Any = None
     live_nodes: int = 1
+
+    def jobs_held(self) -> dict[str, int]:
+        return {"buffer": len(self.buffer) + len(self.suspects), "writing": len(self.pending)}
 
 
 class FakeArbiter:

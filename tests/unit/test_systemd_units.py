@@ -95,7 +95,8 @@ def test_security_exposure_is_at_most_2(unit_copies: Path, unit: str) -> None:
 
 def test_the_unit_runs_the_supervisor_as_issue_6_asks() -> None:
     from genworker.errors import UsageError
-    from genworker.node.arbiter import EXIT_BOOT_FAILED, EXIT_CRASH_LOOP
+    from genworker.exits import EXIT_BOOT as EXIT_BOOT_FAILED
+    from genworker.exits import EXIT_CRASH_LOOP
 
     service = parse_unit(UNITS / "genworker.service")["Service"]
     one = {k: v[-1] for k, v in service.items()}

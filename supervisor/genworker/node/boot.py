@@ -30,8 +30,9 @@ from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import sweep_temp_files
 from genworker.config import Settings
 from genworker.errors import GenworkerError, UsageError
+from genworker.exits import EXIT_FAILED
 from genworker.logs import Redactor, dsn_password
-from genworker.node.arbiter import EXIT_FAILED, Arbiter, run_coroutine
+from genworker.node.arbiter import Arbiter, run_coroutine
 from genworker.node.zygote import ZygoteHandle, die_with_parent, start_zygote
 from genworker.ops.alarms import parse_limits
 from genworker.ops.http import parse_address
@@ -114,7 +115,7 @@ def _die_with(parent_pid: int) -> None:
     """In a child before exec: get SIGTERM when the supervisor dies, or go now if it has."""
     die_with_parent(signal.SIGTERM)
     if os.getppid() != parent_pid:
-        os._exit(1)
+        os._exit(EXIT_FAILED)
 
 
 def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int:
@@ -156,7 +157,7 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
             block=block,
             reload_settings=reload_settings,
             hooks=Ops(settings, redactor=redactor),
-            bucket=bucket,
+            set_api_rate=bucket.set_rate,  # one live node's share of --api-rps, for every worker
         )
         return run_coroutine(arbiter.run())
     finally:
@@ -194,4 +195,4 @@ def setup_logging(settings: Settings) -> Redactor:
     return redactor
 
 
-__all__ = ["EXIT_FAILED", "run_node"]
+__all__ = ["run_node"]

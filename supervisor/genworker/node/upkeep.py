@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from genworker.node.feeder import DB_ERRORS, DB_PROBE_S, Feeder
+from genworker.node.dbhealth import DB_ERRORS, DB_PROBE_S
+from genworker.node.feeder import Feeder
 from genworker.queue.store import sleep_unless
 
 log = logging.getLogger("genworker.feeder")
@@ -18,30 +19,38 @@ log = logging.getLogger("genworker.feeder")
 PRUNE_EVERY_S = 300.0
 PRUNE_BATCH = 500
 
+SetRate = Callable[[float | None], None]  # the host's API token bucket's rate, per second
 
-async def lease_loop(f: Feeder, stop: asyncio.Event, info: Callable[[], dict[str, Any]]) -> None:
+
+async def lease_loop(
+    f: Feeder,
+    stop: asyncio.Event,
+    info: Callable[[], dict[str, Any]],
+    set_api_rate: SetRate | None = None,
+) -> None:
     """Renew every lease this node holds (well before lease/2) and say it is alive."""
     every = max(0.2, f.settings.lease_s / 3)
     while not stop.is_set():
-        if not f.db_ok and not await f.probe_db():
+        if not f.db.ok and not await f.db.probe():
             # away: probe often (the other loops wait in the pool's queue meanwhile)
             await sleep_unless(stop, DB_PROBE_S)
             continue
         try:
-            f.stats.renewed += await f.queue.renew(f.node, f.settings.lease_s, f.held_ids())
-            f.live_nodes = await f.queue.heartbeat(f.node, sum(1 for _ in f.holders()), info())
-            f.db_answered()
-            share_rate(f)
+            held = f.holdings.ids()
+            f.stats.renewed += await f.queue.renew(f.node, f.settings.lease_s, held)
+            workers = sum(1 for _ in f.holders())
+            f.note_live_nodes(await f.queue.heartbeat(f.node, workers, info()))
+            f.db.answered()
+            if set_api_rate is not None:
+                set_api_rate(rate_share(f.settings.api_rps, f.live_nodes))
         except DB_ERRORS as e:
-            f.db_failed("lease renewal", e)
+            f.db.failed("lease renewal", e)
         await sleep_unless(stop, every)
 
 
-def share_rate(f: Feeder) -> None:
-    """Give this host its share of the cluster-wide --api-rps: one live node's worth."""
-    if f.bucket is not None:
-        rps = f.settings.api_rps
-        f.bucket.set_rate(rps / f.live_nodes if rps else None)
+def rate_share(api_rps: float | None, live_nodes: int) -> float | None:
+    """This host's share of the cluster-wide --api-rps: one live node's worth."""
+    return api_rps / live_nodes if api_rps else None
 
 
 def reap_every_s(lease_s: float) -> float:
@@ -68,5 +77,5 @@ async def reap_loop(f: Feeder, stop: asyncio.Event) -> None:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 await f.queue.prune(f.settings.retention_s, PRUNE_BATCH)
         except DB_ERRORS as e:
-            f.db_failed("reaper", e)
+            f.db.failed("reaper", e)
         await sleep_unless(stop, every)

@@ -37,6 +37,7 @@ from setproctitle import setproctitle
 
 from genworker.channels import SharedBlock
 from genworker.config import Settings
+from genworker.exits import EXIT_FAILED, EXIT_OK
 from genworker.logs import setup_node_logging
 
 PR_SET_PDEATHSIG = 1
@@ -99,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     die_with_parent(signal.SIGKILL)
     if os.getppid() != args.parent:
-        return 1  # the supervisor died before PDEATHSIG was armed: it will never fire
+        return EXIT_FAILED  # the supervisor died before PDEATHSIG was armed: it never fires
     sock = socket.socket(fileno=args.control_fd)
     block = SharedBlock(args.slots, fd=args.block_fd)
     first: tuple[Any, ...] = pickle.loads(sock.recv(1 << 20) or pickle.dumps(("eof",)))
     if first[0] != "settings":
-        return 1
+        return EXIT_FAILED
     setup_node_logging(first[1])  # the node's format and level, its secrets hidden
     # What every worker needs, imported once here: workers share these pages and boot fast.
     import aiohttp  # noqa: F401
@@ -149,7 +150,7 @@ class Zygote:
                     break
         finally:
             self.stop_children()
-        return 0
+        return EXIT_OK
 
     def handle_request(self) -> bool:
         try:
@@ -186,7 +187,7 @@ class Zygote:
                 signal.signal(sig, signal.SIG_DFL)
             die_with_parent(signal.SIGKILL)
             if os.getppid() != zygote_pid:
-                os._exit(1)  # the zygote died before PDEATHSIG was armed
+                os._exit(EXIT_FAILED)  # the zygote died before PDEATHSIG was armed
             chan = socket.socket(fileno=fd)
             self.worker_main(slot, generation, chan, self.settings, position)
         os.close(fd)

@@ -15,18 +15,17 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
 from genworker import channels as ch
-from genworker.node.feeder import DB_ERRORS
-from genworker.node.handles import State
 from genworker.ops.metrics import GenworkerMetrics, bucket_index
 from genworker.queue import sql
+from genworker.queue.db import DB_ERRORS
 
 log = logging.getLogger("genworker.ops")
 
@@ -43,15 +42,71 @@ API_CALLS = ("api_2xx", "api_4xx", *API_OVERLOAD)
 CRASHES = ("exit", "signal", "heartbeat_timeout")
 
 
+READY = "ready"  # a worker that takes jobs (node.handles.State.READY, a StrEnum, equals it)
+
+
+class Worker(Protocol):
+    """A live worker as the readings see it (node.handles.WorkerHandle)."""
+
+    @property
+    def position(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def jobs(self) -> Mapping[int, object]: ...
+
+    def counter(self, index: int) -> float: ...
+
+
+class JobCounts(Protocol):
+    """The supervisor's job counters (node.stats.FeederStats)."""
+
+    @property
+    def claimed(self) -> int: ...
+    @property
+    def succeeded(self) -> int: ...
+    @property
+    def retried(self) -> int: ...
+    @property
+    def dead(self) -> int: ...
+    @property
+    def released(self) -> int: ...
+    @property
+    def renewed(self) -> int: ...
+    @property
+    def reaped(self) -> int: ...
+
+
+class Feeding(Protocol):
+    """The node's database side as the readings see it (node.feeder.Feeder)."""
+
+    @property
+    def pool(self) -> AsyncConnectionPool: ...
+    @property
+    def db_ok(self) -> bool: ...
+    @property
+    def db_problem(self) -> str: ...
+    @property
+    def stats(self) -> JobCounts: ...
+    @property
+    def live_nodes(self) -> int: ...
+
+    def jobs_held(self) -> Mapping[str, int]: ...
+
+
 class Node(Protocol):
-    """The parts of the Arbiter the readings use."""
+    """The parts of the supervisor (node.arbiter.Arbiter) the readings use."""
 
-    retired: list[float]
-    restarts_by_reason: dict[str, int]
-    stops_by_reason: dict[str, int]
-    target: int
+    @property
+    def retired(self) -> Sequence[float]: ...
+    @property
+    def restarts_by_reason(self) -> Mapping[str, int]: ...
+    @property
+    def stops_by_reason(self) -> Mapping[str, int]: ...
+    @property
+    def target(self) -> int: ...
 
-    def live_handles(self) -> list[Any]: ...
+    def live_handles(self) -> Sequence[Worker]: ...
     def totals(self) -> dict[str, float]: ...
 
 
@@ -194,7 +249,7 @@ def latency_counts(node: Node) -> tuple[list[int], float]:
     return [max(0, c) for c in counts], counter_sum(node, ch.LATENCY_SUM)
 
 
-def collect_node(m: GenworkerMetrics, node: Node, feeder: Any) -> None:
+def collect_node(m: GenworkerMetrics, node: Node, feeder: Feeding) -> None:
     """Set every metric this node knows without asking the database."""
     st = feeder.stats
     m.jobs_claimed.set_total(st.claimed)
@@ -204,15 +259,7 @@ def collect_node(m: GenworkerMetrics, node: Node, feeder: Any) -> None:
     m.jobs_released.set_total(st.released)
     m.leases_renewed.set_total(st.renewed)
     m.leases_expired.set_total(st.reaped)
-    held = sum(len(h.jobs) for h in node.live_handles())
-    waiting = feeder.gate.waiting() if feeder.gate is not None else 0
-    m.jobs_in_flight.replace(
-        {
-            ("buffer",): len(feeder.buffer) + len(feeder.suspects) + waiting,
-            ("workers",): held,
-            ("writing",): len(feeder.pending),
-        }
-    )
+    m.jobs_in_flight.replace({(where,): n for where, n in feeder.jobs_held().items()})
     t = {k: int(v) for k, v in node.totals().items()}
     m.api_responses.labels("2xx").set_total(t["api_2xx"])
     m.api_responses.labels("4xx").set_total(t["api_4xx"] + t["api_429"])
@@ -224,7 +271,7 @@ def collect_node(m: GenworkerMetrics, node: Node, feeder: Any) -> None:
     limits: dict[tuple[object, ...], float] = {}
     busy: dict[tuple[object, ...], float] = {}
     for h in node.live_handles():
-        if h.state is not State.READY:
+        if h.state != READY:
             continue
         limit = int(h.counter(ch.LIMIT))
         limits[(h.position,)] = limit

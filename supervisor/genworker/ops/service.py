@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from aiohttp import web
 
+from genworker.background import TaskOwner
 from genworker.config import ConfigError, Settings
 from genworker.logs import Redactor
-from genworker.node.handles import State
 from genworker.ops import systemd
 from genworker.ops.alarms import Alarms, ErrorRate, SlidingWindow, default_alarms, parse_limits
 from genworker.ops.http import Readiness, assess_readiness, make_app, serve
@@ -34,8 +35,12 @@ from genworker.ops.readings import (
     API_CALLS,
     API_OVERLOAD,
     CRASHES,
+    READY,
     DbFigures,
+    Feeding,
+    Node,
     PoolWaits,
+    Worker,
     collect_figures,
     collect_node,
     collect_pool,
@@ -51,6 +56,34 @@ STOP_TAIL_S = 20.0  # after the drain: workers killed (5 s), the last outcomes w
 KEY_ALARMS = ("bad_api_key", "insufficient_quota")
 
 
+class HeldBack(Protocol):
+    @property
+    def held_back(self) -> bool: ...
+
+
+class NodeView(Node, Protocol):
+    """What ops reads of the supervisor (node.arbiter.Arbiter); it writes nothing there."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def tasks(self) -> TaskOwner: ...
+    @property
+    def feeder(self) -> Feeding: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def reloading(self) -> bool: ...
+    @property
+    def degraded(self) -> bool: ...
+    @property
+    def positions(self) -> Mapping[int, HeldBack]: ...
+    @property
+    def monitored_at(self) -> float: ...
+
+    def live_handles(self) -> Sequence[Worker]: ...
+
+
 class Ops:
     def __init__(self, settings: Settings, *, redactor: Redactor | None = None) -> None:
         self.settings = settings
@@ -64,7 +97,7 @@ class Ops:
         self.figures = DbFigures()
         self.notifier = systemd.Notifier(STATUS_S)
         self.redactor = redactor or Redactor()
-        self.arbiter: Any = None
+        self.arbiter: NodeView | None = None
         self.runner: web.AppRunner | None = None
         self.address: str | None = None
         self.stop = asyncio.Event()
@@ -75,14 +108,14 @@ class Ops:
         self.tick_failed = False
 
     # ========================================================== the hooks
-    async def starting(self, arbiter: Any) -> None:
+    async def starting(self, arbiter: NodeView) -> None:
         self.arbiter = arbiter
         self.runner = await serve(make_app(self), self.settings.http)
         if self.runner is not None:
             host, port = self.runner.addresses[0][:2]
             self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    async def started(self, arbiter: Any) -> None:
+    async def started(self, arbiter: NodeView) -> None:
         arbiter.tasks.spawn(self.tick_loop(), "ops tick", critical=False)
         arbiter.tasks.spawn(self.figures.loop(arbiter.feeder.pool, self.stop), "ops figures",
                             critical=False)  # fmt: skip
@@ -102,14 +135,14 @@ class Ops:
 
     def reloading(self) -> None:
         with contextlib.suppress(ConfigError):  # a new key file: hide the new key too
-            self.redactor.add(self.arbiter.settings.resolved_api_key())
+            self.redactor.add(self._node().settings.resolved_api_key())
         systemd.reloading(self.status_line())
 
     def reloaded(self) -> None:
         if self.ready_sent:
             systemd.ready(self.status_line())
 
-    def stopping(self, arbiter: Any) -> None:
+    def stopping(self, arbiter: object) -> None:
         self.drain_started = time.monotonic()
         systemd.stopping(self.status_line())
 
@@ -143,7 +176,7 @@ class Ops:
                 await asyncio.wait_for(self.stop.wait(), TICK_S)
 
     def tick(self, now: float) -> None:
-        a = self.arbiter
+        a = self._node()
         counts = dict(a.totals())
         counts["crashes"] = sum(a.restarts_by_reason.get(r, 0) for r in CRASHES)
         d = self._deltas(counts)
@@ -176,20 +209,24 @@ class Ops:
         return out
 
     def _all_up(self) -> bool:
-        a = self.arbiter
+        a = self._node()
         return bool(
             a.feeder.db_ok and not a.stopping and not a.reloading and self.workers_up() >= a.target
         )
 
     def healthy(self) -> bool:
         """The watchdog may be pinged: the supervisor's monitor is going round."""
-        a = self.arbiter
+        a = self._node()
         return bool(a.stopping or time.monotonic() - a.monitored_at < HEALTHY_S)
 
     # ======================================================= what we show
+    def _node(self) -> NodeView:
+        assert self.arbiter is not None, "starting() gives ops its node first"
+        return self.arbiter
+
     def workers_up(self) -> int:
-        a = self.arbiter
-        return sum(1 for h in a.live_handles() if h.state is State.READY and h.position < a.target)
+        a = self._node()
+        return sum(1 for h in a.live_handles() if h.state == READY and h.position < a.target)
 
     def readiness(self) -> Readiness:
         a = self.arbiter
@@ -212,7 +249,7 @@ class Ops:
         return ready, reasons
 
     def status_line(self) -> str:
-        a = self.arbiter
+        a = self._node()
         st = a.feeder.stats
         inflight = sum(len(h.jobs) for h in a.live_handles())
         parts = [
