@@ -78,3 +78,13 @@ def test_the_summary_lists_every_plan_and_both_designs() -> None:
     for word in ("free", "start", "pro", "genworker", "old design", "slot utilisation"):
         assert word in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_a_ratio_where_we_are_slower_says_slower_by() -> None:
+    from genworker.demo.report import _times
+
+    assert _times(2.5) == "2.5x"
+    assert _times(0.5) == "[red]slower by 2.0x[/]"
+    assert _times(0.05) == "[red]slower by 20x[/]"
+    assert _times(0.0) == "[red]slower[/]"
+    assert "better" not in _times(0.01)

@@ -138,10 +138,18 @@ def _secs(x: float | None) -> str:
 
 
 def _times(x: float | None) -> str:
+    """A ratio old/ours in the "better by" column; below 1 we are slower, and say so."""
     if x is None:
         return "-"
-    if x < 0.1:
-        return "<0.1x"
+    if x < 1:
+        if x <= 0:
+            return "[red]slower[/]"  # the old design took no time at all (a wait of 0 s)
+        slower = 1 / x
+        return (
+            f"[red]slower by {slower:.0f}x[/]"
+            if slower >= 10
+            else f"[red]slower by {slower:.1f}x[/]"
+        )
     return f"{x:.0f}x" if x >= 10 else f"{x:.1f}x"
 
 
