@@ -137,7 +137,7 @@ class Settings:
         DEFAULT_PLANS,
         "plans as name=images:priority[:tenant_cap],... (lower priority is served first; "
         "tenant_cap overrides --tenant-cap for the plan, 0: none)",
-        cmds="start,submit,config,demo",
+        cmds="start,migrate,config,demo",  # written to the database by start and migrate
     )
     max_attempts: int = _opt(
         5, "attempts before a job goes dead", lo=1, hi=100, cmds="start,submit,config"
