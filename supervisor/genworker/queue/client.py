@@ -5,235 +5,47 @@ Both can run inside a web app's own transaction (pass `conn=`), use its pool
 validation and the fan-out, so a submit from Python, the CLI or plain SQL
 behaves the same; Python only checks types first so the error names the
 argument. Each call is one round trip; the logic (parameters in, `TaskInfo`
-out) is written once and shared by both clients.
+out) is written once, in `queue.tasks`, and shared by both clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
-from genworker.errors import (
-    GenworkerError,
-    InvalidCount,
-    InvalidKind,
-    InvalidParams,
-    InvalidPlan,
-    InvalidPrompt,
-    InvalidTenant,
-    TaskNotFound,
-)
+from genworker.errors import GenworkerError, TaskNotFound
 from genworker.model import TaskId, TaskStatus
 from genworker.queue import sql
 from genworker.queue.db import translated
+from genworker.queue.tasks import (
+    FINISHED,
+    JobInfo,
+    Progress,
+    TaskInfo,
+    Waiting,
+    bulk_params,
+    list_params,
+    submit_params,
+    task_info,
+    task_summary,
+)
 
-# n travels as an SQL integer: a bigger Python int would not even find the function.
-_INT4_MIN, _INT4_MAX = -(2**31), 2**31 - 1
-
-FINISHED = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
-
-
-@dataclass(frozen=True)
-class JobInfo:
-    id: int
-    index: int
-    status: str
-    attempts: int
-    deaths: int
-    result: dict[str, Any] | None
-    error: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    id: TaskId
-    tenant: str
-    plan: str
-    kind: str
-    status: TaskStatus
-    n_jobs: int
-    succeeded: int
-    dead: int
-    cancelled: int
-    error: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    params: dict[str, Any] = field(default_factory=dict)
-    idempotency_key: str | None = None
-    jobs: tuple[JobInfo, ...] = ()
-
-    @property
-    def done(self) -> bool:
-        return self.status in FINISHED
-
-    @property
-    def remaining(self) -> int:
-        return self.n_jobs - self.succeeded - self.dead - self.cancelled
-
-    def to_dict(self) -> dict[str, Any]:
-        """The stable JSON document of `genworker show/submit --json` (see README)."""
-        d = asdict(self)
-        d["status"] = str(self.status)
-        d["remaining"] = self.remaining
-        for key in ("created_at", "started_at", "finished_at"):
-            d[key] = _iso(d[key])
-        d["jobs"] = [
-            {**j, "started_at": _iso(j["started_at"]), "finished_at": _iso(j["finished_at"])}
-            for j in d["jobs"]
-        ]
-        return d
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def _bad_text(text: str) -> bool:
-    """NUL (PostgreSQL text cannot hold it) or a lone surrogate (what Python makes of
-    invalid UTF-8 in argv: it cannot be encoded)."""
-    if "\x00" in text:
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _any_text(obj: Any, pred: Callable[[str], bool]) -> bool:
-    """Does pred hold for any string (keys included) in this JSON-like value?"""
-    if isinstance(obj, str):
-        return pred(obj)
-    if isinstance(obj, Mapping):
-        return any(pred(k) or _any_text(v, pred) for k, v in obj.items() if isinstance(k, str))
-    if isinstance(obj, (list, tuple)):
-        return any(_any_text(v, pred) for v in obj)
-    return False
-
-
-def submit_params(
-    plan: str,
-    prompt: str | None = None,
-    *,
-    params: Mapping[str, Any] | None = None,
-    tenant: str = "default",
-    kind: str = "image",
-    idempotency_key: str | None = None,
-    n: int | None = None,
-) -> dict[str, Any]:
-    """Check argument types (the SQL function checks values) and build the call's parameters."""
-    if not isinstance(plan, str):
-        raise InvalidPlan(f"plan must be a string, got {type(plan).__name__}")
-    if not isinstance(tenant, str):
-        raise InvalidTenant(f"tenant must be a string, got {type(tenant).__name__}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
-        raise InvalidCount(f"n must be an integer, got {type(n).__name__}")
-    if not isinstance(kind, str):
-        raise InvalidKind(f"kind must be a string, got {type(kind).__name__}")
-    if idempotency_key is not None and not isinstance(idempotency_key, str):
-        raise InvalidParams(
-            f"idempotency_key must be a string, got {type(idempotency_key).__name__}"
-        )
-    if n is not None and not _INT4_MIN <= n <= _INT4_MAX:
-        raise InvalidCount(f"invalid n {n}: out of range")
-    if params is not None and not isinstance(params, Mapping):
-        raise InvalidParams(f"params must be a mapping, got {type(params).__name__}")
-    merged = dict(params or {})
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise InvalidPrompt(f"prompt must be a string, got {type(prompt).__name__}")
-        merged["prompt"] = prompt
-    try:
-        json.dumps(merged, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise InvalidParams(f"params must be JSON: {e}") from None
-    if _any_text(merged, _bad_text):
-        raise InvalidParams("params may not contain NUL bytes or text that is not valid UTF-8")
-    for name, value in (
-        ("plan", plan),
-        ("tenant", tenant),
-        ("kind", kind),
-        ("idempotency_key", idempotency_key or ""),
-    ):
-        if _bad_text(value):
-            raise InvalidParams(f"{name} may not contain NUL bytes or text that is not valid UTF-8")
-    return {
-        "plan": plan,
-        "params": Jsonb(merged),
-        "tenant": tenant,
-        "kind": kind,
-        "idempotency_key": idempotency_key,
-        "n": n,
-    }
-
-
-def bulk_params(tasks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One `submit_tasks` call: each item takes the keyword arguments of `submit`."""
-    items = []
-    for t in tasks:
-        p = submit_params(**t)
-        items.append(
-            {k: (v.obj if isinstance(v, Jsonb) else v) for k, v in p.items() if v is not None}
-        )
-    return {"tasks": Jsonb(items)}
-
-
-def _task(row: Sequence[Any], jobs: Sequence[Sequence[Any]] = ()) -> TaskInfo:
-    return TaskInfo(
-        id=TaskId(row[0]),
-        tenant=row[1],
-        plan=row[2],
-        kind=row[3],
-        params=row[4],
-        status=TaskStatus(row[5]),
-        n_jobs=row[6],
-        succeeded=row[7],
-        dead=row[8],
-        cancelled=row[9],
-        error=row[10],
-        idempotency_key=row[11],
-        created_at=row[12],
-        started_at=row[13],
-        finished_at=row[14],
-        jobs=tuple(JobInfo(*j) for j in jobs),
-    )
-
-
-def _summary(row: Sequence[Any]) -> TaskInfo:
-    return TaskInfo(
-        id=TaskId(row[0]),
-        tenant=row[1],
-        plan=row[2],
-        kind=row[3],
-        status=TaskStatus(row[4]),
-        n_jobs=row[5],
-        succeeded=row[6],
-        dead=row[7],
-        cancelled=row[8],
-        error=row[9],
-        created_at=row[10],
-        started_at=row[11],
-        finished_at=row[12],
-    )
-
-
-def _list_params(status: str | None, tenant: str | None, limit: int) -> dict[str, Any]:
-    return {"status": status, "tenant": tenant, "limit": limit}
-
-
-Progress = Callable[[TaskInfo], None]
+# TaskInfo and the rest were defined here first: callers may still import them from here
+__all__ = [
+    "FINISHED",
+    "AsyncClient",
+    "Client",
+    "JobInfo",
+    "Progress",
+    "TaskInfo",
+    "bulk_params",
+    "submit_params",
+]
 
 
 class Client:
@@ -288,16 +100,14 @@ class Client:
             job_rows = (
                 c.execute(sql.query("task_jobs"), {"task_id": task_id}).fetchall() if jobs else ()
             )
-        return _task(row, job_rows)
+        return task_info(row, job_rows)
 
     def tasks(
         self, *, status: str | None = None, tenant: str | None = None, limit: int = 20
     ) -> list[TaskInfo]:
         with self._conn() as c:
-            rows = c.execute(
-                sql.query("list_tasks"), _list_params(status, tenant, limit)
-            ).fetchall()
-        return [_summary(r) for r in rows]
+            rows = c.execute(sql.query("list_tasks"), list_params(status, tenant, limit)).fetchall()
+        return [task_summary(r) for r in rows]
 
     def wait(
         self,
@@ -308,15 +118,11 @@ class Client:
         progress: Progress | None = None,
     ) -> TaskInfo:
         """Block until the task finishes (or timeout_s passes: TimeoutError)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiting = Waiting(task_id, timeout_s, progress)
         while True:
             info = self.get(task_id)
-            if progress is not None:
-                progress(info)
-            if info.done:
+            if waiting.over(info):
                 return info
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"task {task_id} not finished after {timeout_s:g}s")
             time.sleep(poll_s)
 
     def cancel(self, task_id: int) -> TaskStatus:
@@ -390,14 +196,14 @@ class AsyncClient:
                 job_rows = await (
                     await c.execute(sql.query("task_jobs"), {"task_id": task_id})
                 ).fetchall()
-        return _task(row, job_rows)
+        return task_info(row, job_rows)
 
     async def tasks(
         self, *, status: str | None = None, tenant: str | None = None, limit: int = 20
     ) -> list[TaskInfo]:
         async with self._conn() as c:
-            cur = await c.execute(sql.query("list_tasks"), _list_params(status, tenant, limit))
-            return [_summary(r) for r in await cur.fetchall()]
+            cur = await c.execute(sql.query("list_tasks"), list_params(status, tenant, limit))
+            return [task_summary(r) for r in await cur.fetchall()]
 
     async def wait(
         self,
@@ -407,15 +213,11 @@ class AsyncClient:
         poll_s: float = 0.5,
         progress: Progress | None = None,
     ) -> TaskInfo:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiting = Waiting(task_id, timeout_s, progress)
         while True:
             info = await self.get(task_id)
-            if progress is not None:
-                progress(info)
-            if info.done:
+            if waiting.over(info):
                 return info
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"task {task_id} not finished after {timeout_s:g}s")
             await asyncio.sleep(poll_s)
 
     async def cancel(self, task_id: int) -> TaskStatus:
