@@ -25,6 +25,7 @@ from genworker.config_values import (
     format_plans,
     mask_dsn,
     parse_bool,
+    parse_handler_entry,
     parse_plans,
     parse_scalar,
     plans_from,
@@ -332,7 +333,14 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             items = raw if isinstance(raw, list) else str(raw).split(",")
             if not all(isinstance(s, str) for s in items):
                 raise ConfigError(f"{where}: expected kind=pkg.module:func strings, got {raw!r}")
-            return tuple(s.strip() for s in items if s.strip())
+            # a flag given twice arrives as a list of comma-separated lists: keep them all
+            entries = tuple(e.strip() for s in items for e in s.split(",") if e.strip())
+            for entry in entries:
+                try:
+                    parse_handler_entry(entry)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {e}") from None
+            return entries
         if raw is None or (isinstance(raw, str) and raw == "" and "None" in typ):
             return None
         if typ.startswith("bool"):

@@ -204,3 +204,21 @@ def check_dsn(dsn: str) -> None:
             continue  # a socket directory
         if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
             raise bad("has a host name longer than DNS allows")
+
+
+HANDLER_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # what genworker.submit_task accepts
+HANDLER_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def parse_handler_entry(entry: str) -> tuple[str, str]:
+    """"kind=pkg.module:func" as (kind, target); ConfigError saying what is wrong."""
+    kind, sep, target = (s.strip() for s in entry.partition("="))
+    if not sep or not kind or not target:
+        raise ConfigError(f"bad handler {entry[:80]!r}: write kind=pkg.module:func")
+    if not HANDLER_KIND.match(kind):
+        raise ConfigError(
+            f"bad handler kind {kind[:40]!r}: a lowercase letter, then up to 31 of a-z, 0-9, _"
+        )
+    if not HANDLER_TARGET.match(target):
+        raise ConfigError(f"handler {kind}: {target[:80]!r} is not pkg.module:func")
+    return kind, target

@@ -91,6 +91,8 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         }
         if str(f.type).startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif name == "handlers":
+            kwargs["action"] = "append"  # --handler a=... --handler b=...: both, not the last
         else:
             kwargs["metavar"] = (
                 name.rsplit("_", 1)[0].upper() if name.endswith(("_s", "_mb")) else name.upper()

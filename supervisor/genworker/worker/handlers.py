@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 
 from genworker.config import ConfigError, Settings
+from genworker.config_values import parse_handler_entry as parse_entry
 from genworker.model import Job, PermanentError, unstorable
 
 if TYPE_CHECKING:
@@ -39,8 +39,6 @@ class Paced(Protocol):
     async def pace(self) -> None: ...
 
 
-_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # what genworker.submit_task accepts
-_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 async def noop(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
@@ -87,8 +85,6 @@ def paces(handlers: dict[str, Handler]) -> dict[str, Pace]:
 
 def import_handler(kind: str, target: str) -> Handler:
     """The async callable named by "pkg.module:attr.path"; ConfigError saying why otherwise."""
-    if not _TARGET.match(target):
-        raise ConfigError(f"handler {kind}: {target!r} is not pkg.module:func")
     module_name, _, attr_path = target.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -106,17 +102,6 @@ def import_handler(kind: str, target: str) -> Handler:
     if not _is_async_callable(obj):
         raise ConfigError(f"handler {kind}: {target} is not an async function")
     return obj  # type: ignore[no-any-return]
-
-
-def parse_entry(entry: str) -> tuple[str, str]:
-    kind, sep, target = (s.strip() for s in entry.partition("="))
-    if not sep or not kind or not target:
-        raise ConfigError(f"bad handler {entry!r}: write kind=pkg.module:func")
-    if not _KIND.match(kind):
-        raise ConfigError(
-            f"bad handler kind {kind!r}: a lowercase letter, then up to 31 of a-z, 0-9, _"
-        )
-    return kind, target
 
 
 def load_handlers(
