@@ -30,6 +30,7 @@ from genworker.config_values import (
     parse_scalar,
     plans_from,
     read_toml,
+    warn_if_readable_by_others,
 )
 
 __all__ = [  # the names callers import from here, wherever they are defined
@@ -268,6 +269,7 @@ class Settings:
         if self.api_key:
             return self.api_key
         if self.api_key_file is not None:
+            warn_if_readable_by_others(self.api_key_file, "API key file")
             try:
                 return self.api_key_file.read_text().strip() or None
             except OSError as e:
@@ -357,6 +359,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
 
 def load_file(path: Path) -> dict[str, Any]:
     data = read_toml(path)
+    warn_if_readable_by_others(path, "config file")
     unknown = sorted(set(data) - set(FIELDS) - {"config_file"})
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")

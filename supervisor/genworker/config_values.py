@@ -6,7 +6,9 @@ these parsers, and re-exports the names here that callers use.
 
 from __future__ import annotations
 
+import logging
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -222,3 +224,23 @@ def parse_handler_entry(entry: str) -> tuple[str, str]:
     if not HANDLER_TARGET.match(target):
         raise ConfigError(f"handler {kind}: {target[:80]!r} is not pkg.module:func")
     return kind, target
+
+
+_warned_open: set[Path] = set()
+
+
+def warn_if_readable_by_others(path: Path, what: str) -> None:
+    """One warning per file and process when other users may read a file that holds or
+    may hold secrets (a key file, a config file)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # reading it will say what is wrong
+    if mode & 0o044 and path not in _warned_open:
+        _warned_open.add(path)
+        logging.getLogger("genworker.config").warning(
+            "%s %s can be read by other users (%s): chmod 600 it",
+            what,
+            path,
+            stat.filemode(mode),
+        )

@@ -95,3 +95,28 @@ def test_the_readmes_toml_example_is_valid(tmp_path: Path) -> None:
 )
 def test_a_dsn_is_shown_without_any_piece_of_its_password(dsn: str, shown: str) -> None:
     assert config.mask_dsn(dsn) == shown
+
+
+def test_a_key_file_or_config_file_others_can_read_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = tmp_path / "key"
+    key.write_text("sk-test\n")
+    key.chmod(0o644)
+    cfg = tmp_path / "genworker.toml"
+    cfg.write_text('model = "dall-e-3"\n')
+    cfg.chmod(0o640)
+    private = tmp_path / "private-key"
+    private.write_text("sk-private\n")
+    private.chmod(0o600)
+    with caplog.at_level("WARNING", logger="genworker.config"):
+        settings = build({"api_key_file": str(key), "config_file": str(cfg)}, {})[0]
+        assert settings.resolved_api_key() == "sk-test"
+        assert settings.resolved_api_key() == "sk-test"
+        assert build({"api_key_file": str(private)}, {})[0].resolved_api_key() == "sk-private"
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        f"config file {cfg} can be read by other users (-rw-r-----): chmod 600 it",
+        f"API key file {key} can be read by other users (-rw-r--r--): chmod 600 it",
+    ]
+    assert not any("sk-" in w for w in warned)
