@@ -45,6 +45,8 @@ def test_goodput_under_a_429_limit(benchmark: Any, database: str, tmp_path: Path
                     {"prompt": "rate limited"},
                     "--api-url",
                     url,
+                    "--model",  # url answers: gpt-image-1 only answers b64_json
+                    "dall-e-3",
                     "--response-format",
                     "url",
                 )

@@ -155,6 +155,8 @@ def test_http_jobs_at_50ms(benchmark: Any, tmp_path: Path, response_format: str,
                     {"prompt": "a benchmark"},
                     "--api-url",
                     url,
+                    "--model",  # takes both forms (gpt-image-1 only answers b64_json)
+                    "dall-e-3",
                     "--response-format",
                     response_format,
                 )

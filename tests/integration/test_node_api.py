@@ -31,7 +31,9 @@ def test_api_rps_caps_the_requests_of_every_worker_together(
 ) -> None:
     # 8 workers x 5 slots at 20 ms could send ~2,000 requests a second
     sim = launch.sim(latency_ms=20)
-    node = launch.node(sim, "test-rps", "--api-rps", "50", "--response-format", "url", workers=8)
+    # url answers (no files to write); gpt-image-1 only answers b64_json, dall-e-3 a url
+    by_url = ("--model", "dall-e-3", "--response-format", "url")
+    node = launch.node(sim, "test-rps", "--api-rps", "50", *by_url, workers=8)
     node.wait_workers(8)
     client.submit_many([{"plan": "pro", "params": {"prompt": "rate"}, "n": 50} for _ in range(4)])
     wait_all_finished(conn, 200, timeout_s=60)

@@ -157,7 +157,9 @@ def test_latency_is_applied() -> None:
 
 def test_url_results_are_served_by_the_sim() -> None:
     async def scenario(http: aiohttp.ClientSession) -> bytes:
-        async with http.post(GEN, json={"prompt": "x", "response_format": "url"}) as resp:
+        async with http.post(
+            GEN, json={"prompt": "x", "model": "dall-e-2", "response_format": "url"}
+        ) as resp:
             url = (await resp.json())["data"][0]["url"]
         async with http.get(url) as resp:
             assert resp.content_type == "image/png"

@@ -1,4 +1,5 @@
-"""What the simulator answers: images, OpenAI-shaped errors, and the injected faults."""
+"""What the simulator answers: the request check (the provider's contract, as the real API
+refuses), images shaped per model, OpenAI-shaped errors, and the injected faults."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from genworker.contract import MODELS, ModelContract, Refusal, refusal
 from genworker.sim.state import SimApi
 
 _SIZE = re.compile(r"^\d{2,5}x\d{2,5}$")
@@ -75,7 +77,8 @@ def too_many(retry_s: float, rps: float) -> web.Response:
     )
 
 
-async def parse_body(request: web.Request) -> dict[str, Any] | web.Response:
+async def read_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the 400 for a body that is not one."""
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError):
@@ -84,18 +87,85 @@ async def parse_body(request: web.Request) -> dict[str, Any] | web.Response:
         )
     if not isinstance(body, dict):
         return error(400, "The request body must be a JSON object.", "invalid_request_error", None)
+    return body
+
+
+def check_body(body: dict[str, Any], lenient: bool) -> Refusal | None:
+    """Why the simulator refuses this body: the provider's contract, then its own n=1."""
+    if lenient:
+        return _lenient_check(body)
+    found = refusal(body)
+    if found is not None:
+        return found
+    n = body.get("n", 1)
+    if n != 1:
+        # the model takes it, the simulator does not make it: a refusal, never a short answer
+        return Refusal(
+            f"The simulator makes one image per request: n={n} is valid for this model "
+            "but not simulated; send n=1.",
+            "n",
+            "invalid_value",
+        )
+    return None
+
+
+def _lenient_check(body: dict[str, Any]) -> Refusal | None:
+    """The simulator before the contract (issue 13): any model, any size WxH, any field."""
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        return error(400, "prompt is required.", "invalid_request_error", "invalid_value")
+        return Refusal("prompt is required.", "prompt", "invalid_value")
     if body.get("n", 1) != 1:
-        return error(400, "The simulator only makes n=1.", "invalid_request_error", "invalid_value")
+        return Refusal("The simulator only makes n=1.", "n", "invalid_value")
     if not _SIZE.match(str(body.get("size", "1024x1024"))):
-        return error(
-            400, f"Invalid size: {body.get('size')!r}.", "invalid_request_error", "invalid_value"
-        )
+        return Refusal(f"Invalid size: {body.get('size')!r}.", "size", "invalid_value")
     if body.get("response_format", "b64_json") not in ("b64_json", "url"):
-        return error(400, "response_format must be b64_json or url.", "invalid_request_error", None)
-    return body
+        return Refusal(
+            "response_format must be b64_json or url.", "response_format", "invalid_value"
+        )
+    return None
+
+
+def refusal_answer(why: Refusal) -> web.Response:
+    return web.json_response({**why.body(), "simulated": True}, status=400)
+
+
+def _model(body: dict[str, Any], lenient: bool) -> ModelContract | None:
+    return None if lenient else MODELS.get(str(body.get("model")))
+
+
+def answer_form(body: dict[str, Any], lenient: bool) -> str:
+    """b64_json or url: gpt-image-1 only answers b64_json, the dall-e models default to url
+    as the real API does; an unknown model (or --lenient) answers b64_json unless asked."""
+    model = _model(body, lenient)
+    if model is None:
+        return str(body.get("response_format", "b64_json"))
+    if not model.response_formats:
+        return "b64_json"
+    return str(body.get("response_format", "url"))
+
+
+# gpt-image-1's image tokens by quality, for a square and for an oblong image
+_OUTPUT_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
+
+
+def answer_doc(body: dict[str, Any], item: dict[str, Any], lenient: bool) -> dict[str, Any]:
+    """The JSON answer around one image `item`, shaped as the body's model answers."""
+    model = _model(body, lenient)
+    if model is not None and model.name == "dall-e-3":
+        item = {**item, "revised_prompt": body["prompt"]}  # dall-e-3 rewrites the prompt
+    doc: dict[str, Any] = {"created": int(time.time()), "data": [item], "simulated": True}
+    if model is not None and model.usage:
+        quality = body.get("quality", "auto")
+        square = body.get("size", "auto") in ("auto", "1024x1024")
+        text_tokens = max(1, len(body["prompt"].split()))  # about a token a word
+        image_tokens = _OUTPUT_TOKENS.get(quality, _OUTPUT_TOKENS["medium"])[0 if square else 1]
+        doc["usage"] = {
+            "input_tokens": text_tokens,
+            "output_tokens": image_tokens,
+            "total_tokens": text_tokens + image_tokens,
+            "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0},
+        }
+    return doc
 
 
 async def fault_answer(

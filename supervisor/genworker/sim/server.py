@@ -10,6 +10,12 @@ requests sees the same faults. Every request is counted, by status and by
 `X-Client-Request-Id`, at GET /stats, with the images served per request id and
 the most requests it ever held at once.
 
+It refuses what the real provider refuses (genworker.contract: a field the model
+does not take, a size or value it does not, a prompt too long), with HTTP 400 and
+OpenAI's error body, and counts the refusals by code at /stats ("refused"); it
+answers as the model does (gpt-image-1: b64_json with token usage; dall-e: url by
+default). --lenient is the simulator before that: any model, size or field.
+
 This module is the HTTP side and the command line; the state and the draw are in
 state.py, the bodies of the answers and faults in answers.py.
 """
@@ -29,10 +35,14 @@ from typing import Any
 from aiohttp import web
 
 from genworker.sim.answers import (
+    answer_doc,
+    answer_form,
+    check_body,
     check_key,
     error,
     fault_answer,
-    parse_body,
+    read_body,
+    refusal_answer,
     reset_connection,
     tiny_png,
     too_many,
@@ -104,10 +114,16 @@ async def _generations(sim: SimApi, request: web.Request) -> web.StreamResponse:
     if refused is not None:
         _counted(sim, request, str(refused.status))
         return refused
-    parsed = await parse_body(request)
+    parsed = await read_body(request)
     if isinstance(parsed, web.Response):
+        sim.refused["invalid_json"] += 1
         _counted(sim, request, str(parsed.status))
         return parsed
+    why = check_body(parsed, sim.config.lenient)
+    if why is not None:
+        sim.refused[why.code] += 1
+        _counted(sim, request, "400")
+        return refusal_answer(why)
     if fault is not None:
         sim.by_fault[fault] += 1
     if fault in ("timeout", "reset"):
@@ -128,7 +144,7 @@ async def _generations(sim: SimApi, request: web.Request) -> web.StreamResponse:
 
 def _image(sim: SimApi, request: web.Request, body: dict[str, Any], seq: int) -> web.Response:
     png = tiny_png(f"{body['prompt']}|{seq}|{sim.config.seed}".encode(), sim.config.image_px)
-    if body.get("response_format", "b64_json") == "url":
+    if answer_form(body, sim.config.lenient) == "url":
         name = hashlib.sha256(png).hexdigest()[:32] + ".png"
         sim.keep_file(name, png)
         item: dict[str, Any] = {"url": f"{request.url.origin()}/files/{name}"}
@@ -138,7 +154,7 @@ def _image(sim: SimApi, request: web.Request, body: dict[str, Any], seq: int) ->
     rid = request.headers.get("X-Client-Request-Id")
     if rid:
         sim.images_by_request_id[rid[:200]] += 1
-    return web.json_response({"created": int(time.time()), "data": [item], "simulated": True})
+    return web.json_response(answer_doc(body, item, sim.config.lenient))
 
 
 async def get_file(request: web.Request) -> web.Response:
@@ -237,6 +253,13 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=_env_default("port", int, 8000),
         help="port, 0 for any free one [GENWORKER_SIM_PORT] (default 8000)",
+    )
+    p.add_argument(
+        "--lenient",
+        action="store_true",
+        default=os.environ.get("GENWORKER_SIM_LENIENT", "") in ("1", "true", "yes"),
+        help="accept any model, size WxH and field, answering per response_format "
+        "(the simulator before the per-model contract) [GENWORKER_SIM_LENIENT=1]",
     )
     p.add_argument(
         "--announce",

@@ -44,6 +44,7 @@ class SimConfig:
     seed: int = 1
     image_px: int = 8
     max_files: int = 10_000  # url results kept for GET /files/<name>
+    lenient: bool = False  # accept what the real provider refuses (the pre-contract sim)
 
     def fault_rates(self) -> list[tuple[str, float]]:
         return [(name, float(getattr(self, f"fail_{name}"))) for name in FAULTS]
@@ -68,6 +69,8 @@ class SimApi:
         self.by_status: collections.Counter[str] = collections.Counter()
         self.by_request_id: collections.Counter[str] = collections.Counter()
         self.by_fault: collections.Counter[str] = collections.Counter()
+        # 400s of the request check by error code: zero means the client kept the contract
+        self.refused: collections.Counter[str] = collections.Counter()
         self.recent: collections.deque[float] = collections.deque()  # arrivals in the last 1 s
         self.max_per_s = 0  # most arrivals (any status) seen in one sliding second
         # images served per request id: a job's result can only come from one of these
@@ -92,6 +95,7 @@ class SimApi:
             "total": sum(self.by_status.values()),
             "by_status": dict(self.by_status),
             "by_fault": dict(self.by_fault),
+            "refused": dict(self.refused),
             "by_request_id": dict(self.by_request_id),
             "images_by_request_id": dict(self.images_by_request_id),
             "max_in_any_second": self.max_per_s,
