@@ -104,3 +104,39 @@ def test_temp_files_of_a_killed_writer_are_swept(tmp_path: Path) -> None:
     assert temps(tmp_path) == [live]
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".png"]
     assert sweep_temp_files(tmp_path / "missing") == 0
+
+
+def test_images_are_private_to_the_owner_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual umask: 0644 files, readable by every local user
+    try:
+        out = tmp_path / "results" / "deep"
+        result = write_atomic(out, tiny_png(b"private"), "image/png")
+    finally:
+        os.umask(old)
+    assert os.stat(result["path"]).st_mode & 0o777 == 0o600
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "results").stat().st_mode & 0o777 == 0o700
+
+
+def test_an_existing_output_dir_keeps_the_operators_mode(tmp_path: Path) -> None:
+    tmp_path.chmod(0o750)
+    results.make_private_dir(tmp_path)
+    assert tmp_path.stat().st_mode & 0o777 == 0o750
+
+
+def test_a_file_where_the_output_dir_should_be_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(NotADirectoryError):
+        results.make_private_dir(tmp_path / "out")
+
+
+def test_the_node_creates_the_output_dir_private(tmp_path: Path) -> None:
+    from genworker.config import Settings
+    from genworker.node.boot import check_settings
+
+    old = os.umask(0o022)
+    try:
+        check_settings(Settings(output_dir=tmp_path / "images", http=""))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700

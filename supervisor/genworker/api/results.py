@@ -6,11 +6,16 @@ directory is fsynced so the rename survives a power cut. Any exception,
 including a cancellation, removes the temp file. Only a SIGKILL mid-write can
 leave one behind; `sweep_temp_files` removes those of dead processes (the
 supervisor calls it at start).
+
+Images are tenants' data: files are created 0600 and the directories we create
+0700, whatever the umask (a 0644 file under a 0755 directory is readable by
+every local user). A directory the operator made already keeps its mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import re
@@ -45,6 +50,31 @@ def sniff_mime(data: bytes) -> str | None:
     return None
 
 
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` and any missing parents 0700; existing directories keep their mode."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue  # made meanwhile by another worker
+        os.chmod(d, DIR_MODE)  # mkdir's mode passes through the umask; ours must not
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -65,11 +95,11 @@ def write_atomic(
     digest = hashlib.sha256(data).hexdigest()
     final = out_dir / f"{digest}{_EXT.get(mime, '.bin')}"
     result = {"path": str(final), "bytes": len(data), "sha256": digest, "mime": mime}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(out_dir)
     if final.is_file() and final.stat().st_size == len(data):
         return result  # same name, same content: already stored by an earlier attempt
     tmp = out_dir / f".gw-tmp-{os.getpid()}-{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         try:
             view = memoryview(data)

@@ -27,7 +27,7 @@ from setproctitle import setproctitle
 from genworker import channels as ch
 from genworker import logs
 from genworker.api.limiter import SharedTokenBucket
-from genworker.api.results import sweep_temp_files
+from genworker.api.results import make_private_dir, sweep_temp_files
 from genworker.config import Settings
 from genworker.errors import GenworkerError, UsageError
 from genworker.exits import EXIT_FAILED
@@ -59,7 +59,7 @@ def check_settings(settings: Settings) -> None:
     settings.resolved_api_key()  # a missing key file is an error now, not in every worker
     out = settings.resolved_output_dir
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_private_dir(out)  # tenants' images: 0700 when we create it
     except OSError as e:
         raise UsageError(f"cannot create --output-dir {out}: {e.strerror}") from None
 
