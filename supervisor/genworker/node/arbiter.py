@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -20,21 +19,22 @@ from genworker import channels as ch
 from genworker.background import TaskOwner
 from genworker.config import Settings
 from genworker.errors import UsageError
-from genworker.exits import EXIT_BOOT, EXIT_CRASH_LOOP, EXIT_FAILED, EXIT_OK, EXIT_RECYCLE
+from genworker.exits import EXIT_CRASH_LOOP, EXIT_FAILED
 from genworker.model import Outcome
 from genworker.node import upkeep
 from genworker.node.feeder import Feeder
-from genworker.node.handles import BOOT_TIMEOUT_S, Position, State, WorkerHandle
+from genworker.node.handles import Position, State, WorkerHandle
 from genworker.node.lifecycle import Lifecycle, LifecycleHooks
+from genworker.node.restarts import Restarts
 from genworker.node.workers import Workers
-from genworker.node.zygote import ZygoteHandle, describe_exit
+from genworker.node.zygote import ZygoteHandle
 from genworker.ops.alarms import parse_limits
 from genworker.ops.service import NodeView
+from genworker.queue.store import Queue
 
 log = logging.getLogger("genworker.arbiter")
 
 MONITOR_S = 0.25
-KILL_GRACE_S = 2.0
 
 
 class Hooks(LifecycleHooks, Protocol):
@@ -67,10 +67,6 @@ class Arbiter:
         self.hooks = hooks  # observability (metrics, sd_notify); optional
         self.set_api_rate = set_api_rate  # this host's share of --api-rps, as the nodes change
         self.target = settings.workers
-        self.positions: dict[int, Position] = {}
-        self.spawning: set[int] = set()  # positions whose worker is being started
-        self.restarts_by_reason: dict[str, int] = {}  # crashes: exit, signal, heartbeat_timeout
-        self.stops_by_reason: dict[str, int] = {}  # planned replacements: recycle, reload
         self.alarms: dict[str, str] = {}  # without hooks; with them, the hooks keep the alarms
         self.exit_code: asyncio.Future[int] | None = None
         self.tasks = TaskOwner(on_crash=self._task_crashed)
@@ -88,11 +84,12 @@ class Arbiter:
         self.feeder = Feeder(
             self.settings, self.dsn, self.node, self.live_handles, self.raise_alarm
         )
+        self.restarts = Restarts(self.workers, self.feeder, self.tasks, self.finish)
         if self.hooks is not None:
             await self.hooks.starting(self)  # binds --http: a port in use fails here, cleanly
         try:
             await self.feeder.open()
-            await self._claim_node_id()
+            await claim_node_id(self.feeder.queue, self.node, self.settings.lease_s)
         except BaseException:
             if self.hooks is not None:
                 await self.hooks.stopped()  # close the HTTP server before the error goes up
@@ -114,7 +111,7 @@ class Arbiter:
             self.settings.concurrency,
         )
         for p in range(self.target):
-            self.positions[p] = Position(p)
+            self.restarts.positions[p] = Position(p)
         self._start_loops()
         if self.hooks is not None:
             await self.hooks.started(self)
@@ -131,26 +128,6 @@ class Arbiter:
         spawn(upkeep.lease_loop(f, stop, self.node_info, self.set_api_rate), "lease")
         spawn(upkeep.reap_loop(f, stop), "reaper")
         spawn(f.listener.run(stop), "listen")
-
-    async def _claim_node_id(self) -> None:
-        """Refuse a node id another live supervisor runs under: both would renew (and give
-        back) each other's jobs. A previous life of this node id that died is fine: its
-        jobs come back at once."""
-        row = await self.feeder.queue.node_row(self.node)
-        if row is None or row[2] != "alive":
-            return
-        host, pid, _, silent_s = row
-        here = socket.gethostname()
-        if host == here and pid != os.getpid() and _is_supervisor(pid):
-            raise UsageError(
-                f"node id {self.node!r} is in use by the supervisor with pid {pid} on this "
-                "host: give each supervisor its own --node-id"
-            )
-        if host != here and silent_s < self.settings.lease_s:
-            raise UsageError(
-                f"node id {self.node!r} is alive on host {host} (heard of {silent_s:.0f}s ago): "
-                "give each supervisor its own --node-id"
-            )
 
     def finish(self, code: int) -> None:
         if self.exit_code is not None and not self.exit_code.done():
@@ -216,97 +193,24 @@ class Arbiter:
     def on_ready(self, h: WorkerHandle) -> None:
         self.feeder.slots_freed()
 
+    async def on_exit(self, h: WorkerHandle, status: int) -> None:
+        await self.restarts.settle(h, status)
+
     def on_zygote_lost(self) -> None:
         log.error("the zygote died: cannot fork workers any more; shutting down")
         self.finish(EXIT_FAILED)
-
-    async def on_exit(self, h: WorkerHandle, status: int) -> None:
-        """A worker is gone: give back what it held, and count a death unless it was asked
-        to go, or the node is stopping, or it died of something not its own."""
-        text, code, sig = describe_exit(status)
-        text = h.lost_reason or text
-        progressed = h.jobs_finished() > 0
-        lived_s = 0.0 if h.ready_at is None else time.monotonic() - h.ready_at
-        running = self.workers.running_ids(h)
-        jobs = self.feeder.holdings.leave_worker(h)
-        self.workers.retire(h)
-        # Everything below that decides the restart runs before the first await: the
-        # monitor must not see a free position whose backoff is not recorded yet.
-        if code == EXIT_BOOT and h.ready_at is None and h.lost_reason is None:
-            log.error(
-                "worker %d cannot start (see its message above); stopping the node", h.position
-            )
-            self.finish(EXIT_BOOT)
-            await self.feeder.release(jobs, None)
-            return
-        planned = h.stop_reason is not None and h.kill_reason is None
-        planned = planned and code in (EXIT_OK, EXIT_RECYCLE)
-        reason = h.kill_reason or text
-        if planned:
-            log.info("worker %d (pid %s) stopped: %s", h.position, h.pid, h.stop_reason)
-            if h.stop_reason in ("recycle", "reload"):
-                self.stops_by_reason[h.stop_reason] = self.stops_by_reason.get(h.stop_reason, 0) + 1
-            if jobs:
-                log.warning("worker %d left %d jobs unfinished", h.position, len(jobs))
-            self.positions.get(h.position, Position(h.position)).record_clean_exit()
-        elif (self.stopping or self.workers.zygote_lost) and h.kill_reason is None:
-            log.info(
-                "worker %d (pid %s) %s during shutdown; %d jobs given back",
-                h.position,
-                h.pid,
-                text,
-                len(jobs),
-            )
-        else:
-            # only the jobs it was running take a death: those queued behind its busy slots,
-            # or still on their way to it, never started
-            ran = [j for j in jobs if running is None or j.job_id in running]
-            self._record_death(h, reason, sig, progressed, lived_s, len(jobs), len(ran))
-            if len(ran) < len(jobs):
-                await self.feeder.release([j for j in jobs if j not in ran], None)
-            await self.feeder.release(ran, reason)
-            return
-        await self.feeder.release(jobs, None)  # not their fault: no death counted
-
-    def _record_death(
-        self,
-        h: WorkerHandle,
-        reason: str,
-        sig: int | None,
-        progressed: bool,
-        lived_s: float,
-        n_jobs: int,
-        n_running: int,
-    ) -> None:
-        pos = self.positions.setdefault(h.position, Position(h.position))
-        delay = pos.record_death(progressed, lived_s=lived_s)
-        key = "heartbeat_timeout" if h.kill_reason else ("signal" if sig else "exit")
-        self.restarts_by_reason[key] = self.restarts_by_reason.get(key, 0) + 1
-        log.warning(
-            "worker %d (pid %s) died: %s; %d jobs back in the queue (%d were running); "
-            "restarting in %.1fs%s",
-            h.position,
-            h.pid,
-            reason,
-            n_jobs,
-            n_running,
-            delay,
-            " (crash loop: held back, node degraded)" if pos.held_back else "",
-        )
 
     # ============================================================ monitor
     async def monitor_loop(self) -> None:
         last_title = 0.0
         while not self.stopping:
             now = self.monitored_at = time.monotonic()
-            self._check_workers(now)
-            self._keep_positions(now)
+            self.workers.check(now, self.restarts.progressed)
+            self.restarts.keep(now, self.target)
             if now - last_title >= 1.0:
                 last_title = now
                 setproctitle(self.title())
-            if self.positions and all(
-                p.held_back for i, p in self.positions.items() if i < self.target
-            ):
+            if self.restarts.crash_looping(self.target):
                 log.error(
                     "every worker keeps crashing; giving up so the service manager can restart us"
                 )
@@ -314,56 +218,22 @@ class Arbiter:
                 return
             await asyncio.sleep(MONITOR_S)
 
-    def _check_workers(self, now: float) -> None:
-        timeout = self.settings.worker_timeout_s
-        max_rss = self.settings.max_worker_memory_mb * 1024 * 1024
-        kill = self.workers.kill
-        for h in self.live_handles():
-            if h.state is State.SPAWNING:
-                if now - h.spawned_at > BOOT_TIMEOUT_S and h.kill_reason is None:
-                    h.kill_reason = f"did not start within {BOOT_TIMEOUT_S:.0f}s"
-                    kill(h, signal.SIGKILL)
-                continue
-            if h.jobs_finished() > 0:
-                self.positions.setdefault(h.position, Position(h.position)).record_progress()
-            age = now - h.counter(ch.HEARTBEAT)
-            if age > timeout and h.kill_reason is None:
-                h.kill_reason = f"heartbeat timeout: no sign of life for {age:.0f}s"
-                log.warning(
-                    "worker %d (pid %s) unresponsive for %.0fs: terminating", h.position, h.pid, age
-                )
-                kill(h, signal.SIGTERM)
-                asyncio.get_running_loop().call_later(KILL_GRACE_S, kill, h, signal.SIGKILL)
-            elif h.state is State.READY and max_rss and h.counter(ch.RSS) > max_rss:
-                self.workers.recycle(
-                    h, f"RSS {h.counter(ch.RSS) / 2**20:.0f} MB over --max-worker-memory"
-                )
-
-    def _keep_positions(self, now: float) -> None:
-        if self.workers.zygote_lost:
-            return
-        live = self.live_handles()
-        active = {h.position for h in live if h.state in (State.SPAWNING, State.READY)}
-        for p in range(self.target):
-            pos = self.positions.setdefault(p, Position(p))
-            if p not in active and p not in self.spawning and now >= pos.next_start:
-                self.spawning.add(p)
-                self.tasks.spawn(self._spawn_position(p), f"spawn {p}", critical=False)
-        for h in live:
-            if h.position >= self.target and h.state in (State.SPAWNING, State.READY):
-                h.ask_stop("scale down")
-
-    async def _spawn_position(self, p: int) -> None:
-        try:
-            if not self.stopping:
-                await self.workers.spawn(p)
-        finally:
-            self.spawning.discard(p)
-
     # ======================================================== what we show
     @property
     def degraded(self) -> bool:
-        return any(p.held_back for i, p in self.positions.items() if i < self.target)
+        return self.restarts.degraded(self.target)
+
+    @property
+    def positions(self) -> dict[int, Position]:
+        return self.restarts.positions
+
+    @property
+    def restarts_by_reason(self) -> dict[str, int]:
+        return self.restarts.restarts_by_reason
+
+    @property
+    def stops_by_reason(self) -> dict[str, int]:
+        return self.restarts.stops_by_reason
 
     def title(self) -> str:
         live = [h for h in self.live_handles() if h.state is State.READY]
@@ -420,6 +290,27 @@ class Arbiter:
     def totals(self) -> dict[str, float]:
         """Counters of every worker this node ran, live and gone."""
         return self.workers.totals()
+
+
+async def claim_node_id(queue: Queue, node: str, lease_s: float) -> None:
+    """Refuse a node id another live supervisor runs under: both would renew (and give
+    back) each other's jobs. A previous life of this node id that died is fine: its
+    jobs come back at once."""
+    row = await queue.node_row(node)
+    if row is None or row[2] != "alive":
+        return
+    host, pid, _, silent_s = row
+    here = socket.gethostname()
+    if host == here and pid != os.getpid() and _is_supervisor(pid):
+        raise UsageError(
+            f"node id {node!r} is in use by the supervisor with pid {pid} on this "
+            "host: give each supervisor its own --node-id"
+        )
+    if host != here and silent_s < lease_s:
+        raise UsageError(
+            f"node id {node!r} is alive on host {host} (heard of {silent_s:.0f}s ago): "
+            "give each supervisor its own --node-id"
+        )
 
 
 def run_coroutine(coro: Coroutine[Any, Any, int]) -> int:

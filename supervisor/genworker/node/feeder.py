@@ -18,6 +18,7 @@ from genworker.config import Settings
 from genworker.model import Job, Outcome, OutcomeKind
 from genworker.node.dbhealth import DB_ERRORS, DbHealth, make_pool
 from genworker.node.dedupe import CacheGate
+from genworker.node.dispatch import ClaimPause, Dispatcher
 from genworker.node.holdings import Done, Holder, Holdings
 from genworker.node.stats import FeederStats
 from genworker.node.writer import OutcomeWriter
@@ -55,42 +56,6 @@ class Rate:
         return max(self.last, self.count / max(elapsed, 1e-3) if elapsed > 0.1 else 0.0)
 
 
-class ClaimPause:
-    """Claims and dispatch paused (a rejected API key); after it, one job at a time
-    (the probe) until one succeeds."""
-
-    def __init__(self, on_end: Callable[[], None]) -> None:
-        self.until = 0.0  # monotonic
-        self.probe = False
-        self.on_end = on_end
-        self._timer: asyncio.TimerHandle | None = None
-
-    def active(self) -> bool:
-        return time.monotonic() < self.until
-
-    def start(self, seconds: float) -> None:
-        """Pause for `seconds`, then probe; 0 ends a pause now (a reload may have fixed the
-        key)."""
-        self.until = time.monotonic() + seconds
-        self.probe = True
-        if self._timer is not None:
-            self._timer.cancel()
-        # dispatch runs on events only: with the buffer full and the workers idle, none
-        # would come when the pause ends, so one is scheduled
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, seconds), self._ended)
-
-    def passed(self) -> None:
-        """A job succeeded: the key works, the probe is over."""
-        self.probe = False
-
-    def _ended(self) -> None:
-        self._timer = None
-        # the timer is the pause's end (a later pause replaces it); the loop's clock may
-        # lag time.monotonic() by a millisecond, so do not ask the clock again
-        self.until = min(self.until, time.monotonic())
-        self.on_end()
-
-
 class Feeder:
     def __init__(
         self,
@@ -115,7 +80,14 @@ class Feeder:
         self.claiming = True
         self.queue_empty = False
         self.pause = ClaimPause(self._pause_ended)
-        self.reserved: Holder | None = None  # drained of other work to take a suspect
+        self.dispatcher = Dispatcher(
+            settings,
+            self.holdings,
+            self.pause,
+            share=self.inflight_share,
+            on_served=self.writer.add,
+            running_low=self.wake.set,
+        )
         self.live_nodes = 1
         self.listener = Listener(dsn, self)  # type: ignore[arg-type]  # it calls .set()
 
@@ -143,6 +115,7 @@ class Feeder:
         """A HUP's new settings, from the next claim and write on."""
         self.settings = settings
         self.writer.apply_settings(settings)
+        self.dispatcher.apply_settings(settings)
         self.db.apply_settings(settings)
 
     def stop_claiming(self) -> None:
@@ -174,6 +147,11 @@ class Feeder:
         return {"buffer": h.waiting(), "workers": h.with_workers(), "writing": len(h.pending)}
 
     # ------------------------------------------------------------ claiming
+    def inflight_share(self) -> int | None:
+        """This node's share of the cluster's --api-max-inflight; None without one."""
+        cap = self.settings.api_max_inflight
+        return max(1, cap // max(1, self.live_nodes)) if cap else None
+
     def capacity(self) -> tuple[int, int]:
         """(free slots now, how many jobs the buffer should hold besides).
 
@@ -188,9 +166,8 @@ class Feeder:
             free += f
             held += len(h.jobs)
             total += f + len(h.jobs)
-        cap = self.settings.api_max_inflight
-        if cap:
-            share = max(1, cap // max(1, self.live_nodes))
+        share = self.inflight_share()
+        if share is not None:
             free = max(0, min(free, share - held))
         spare = max(
             math.ceil(total * self.settings.prefetch), math.ceil(self.rate.per_s() * BUFFER_S)
@@ -277,78 +254,7 @@ class Feeder:
         self.wake.set()
 
     def dispatch(self) -> None:
-        """Hand buffered jobs to the workers with free slots, most free first."""
-        if self.pause.active():
-            return
-        buffer = self.holdings.buffer
-        if self.holdings.suspects:
-            self._dispatch_suspects()
-        if not self.holdings.suspects:
-            self.reserved = None  # nothing to drain a worker for any more
-        if not buffer:
-            return
-        holders = list(self.holders())
-        frees = [(h.free_slots(), h) for h in holders if h is not self.reserved]
-        frees.sort(key=lambda fh: fh[0], reverse=True)
-        held = sum(len(h.jobs) for h in holders)  # the reserved worker's jobs count too
-        room = len(buffer)
-        cap = self.settings.api_max_inflight
-        if cap:
-            room = min(room, max(1, cap // max(1, self.live_nodes)) - held)
-        if self.pause.probe:  # after a pause: one job at a time until one succeeds
-            room = min(room, 1 - held)
-        for free, h in frees:
-            take = min(free, room)
-            if take <= 0:
-                break
-            batch = self._take(take)
-            if not batch:
-                break
-            if not h.send_jobs(batch):
-                buffer.extendleft(reversed(batch))
-                continue
-            room -= take
-        if len(buffer) < self.settings.claim_batch:
-            self.wake.set()
-
-    def _dispatch_suspects(self) -> None:
-        """Give each suspect a worker of its own: an idle one, or one we stop feeding until
-        it is idle (so suspects cannot starve behind a busy node)."""
-        suspects = self.holdings.suspects
-        holders = list(self.holders())
-        if self.reserved is not None and self.reserved not in holders:
-            self.reserved = None  # it died or left
-        for h in sorted(holders, key=lambda x: len(x.jobs)):
-            if not suspects:
-                break
-            if not h.jobs and h.free_slots() > 0:
-                job = suspects.popleft()
-                if h.send_jobs([job]):
-                    if h is self.reserved:
-                        self.reserved = None
-                else:
-                    suspects.appendleft(job)
-        if suspects and self.reserved is None:
-            candidates = [h for h in holders if not h.holds_suspect()]
-            if candidates:
-                self.reserved = min(candidates, key=lambda x: len(x.jobs))
-
-    def _take(self, n: int) -> list[Job]:
-        """Up to n buffered jobs to run; with the cache, twins of running jobs wait instead."""
-        buffer, gate = self.holdings.buffer, self.holdings.gate
-        if gate is None:
-            return [buffer.popleft() for _ in range(min(n, len(buffer)))]
-        out: list[Job] = []
-        served: list[Done] = []
-        while buffer and len(out) < n:
-            job = buffer.popleft()
-            verdict = gate.admit(job)
-            if verdict is True:
-                out.append(job)
-            elif verdict is not False:
-                served.append((verdict, job.attempt))
-        self.writer.add(served)
-        return out
+        self.dispatcher.dispatch()
 
     def _pause_ended(self) -> None:
         if self.claiming:
@@ -396,25 +302,11 @@ class Feeder:
                 held = [*held, *back]
         if not held:
             return 0
-        pairs = [(j.job_id, j.token) for j in held]
-        for attempt in range(50):
-            try:
-                done = await self.queue.release(pairs, reason, self.settings.max_worker_deaths)
-            except DB_ERRORS as e:
-                self.db.failed("release", e)
-                await self.db.pause(min(0.1 * 2**attempt, 2.0))
-                continue
-            self.db.answered()
-            self.stats.released += len(done.applied)
-            dead = [i for i, st in done.applied.items() if st == "dead"]
-            self.poke()  # they are runnable again, here or elsewhere
-            if dead:
-                log.warning(
-                    "%d jobs went dead: %s", len(dead), f"worker died while running it: {reason}"
-                )
-            return len(done.applied)
-        log.error("could not release %d jobs; their leases will expire and requeue them", len(held))
-        return 0
+        released = await self.writer.give_back(held, reason)
+        if released is None:
+            return 0
+        self.poke()  # they are runnable again, here or elsewhere
+        return released
 
     async def release_buffer(self) -> int:
         return await self.release(self.holdings.take_unstarted(), None)

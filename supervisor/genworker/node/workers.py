@@ -17,17 +17,19 @@ import pickle
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from genworker import channels as ch
 from genworker.background import TaskOwner
 from genworker.config import Settings
 from genworker.model import Outcome
-from genworker.node.handles import State, WorkerHandle
+from genworker.node.handles import BOOT_TIMEOUT_S, State, WorkerHandle
 from genworker.node.zygote import ZygoteHandle
 
 log = logging.getLogger("genworker.arbiter")
 
+KILL_GRACE_S = 2.0  # after a stuck worker's SIGTERM, its SIGKILL
 CHANNEL_EOF_S = 1.0  # after a worker's exit, how long its channel may take to deliver the rest
 
 
@@ -171,6 +173,31 @@ class Workers:
         with contextlib.suppress(ValueError, OSError):  # gone already if the zygote died
             asyncio.get_running_loop().remove_reader(self.zygote.sock.fileno())
         self.zygote.close()
+
+    def check(self, now: float, on_progress: Callable[[WorkerHandle], None]) -> None:
+        """Kill a worker that never booted or stopped beating; recycle one that grew too
+        big; tell `on_progress` of each that has finished a job."""
+        timeout = self.settings.worker_timeout_s
+        max_rss = self.settings.max_worker_memory_mb * 1024 * 1024
+        kill = self.kill
+        for h in self.live():
+            if h.state is State.SPAWNING:
+                if now - h.spawned_at > BOOT_TIMEOUT_S and h.kill_reason is None:
+                    h.kill_reason = f"did not start within {BOOT_TIMEOUT_S:.0f}s"
+                    kill(h, signal.SIGKILL)
+                continue
+            if h.jobs_finished() > 0:
+                on_progress(h)
+            age = now - h.counter(ch.HEARTBEAT)
+            if age > timeout and h.kill_reason is None:
+                h.kill_reason = f"heartbeat timeout: no sign of life for {age:.0f}s"
+                log.warning(
+                    "worker %d (pid %s) unresponsive for %.0fs: terminating", h.position, h.pid, age
+                )
+                kill(h, signal.SIGTERM)
+                asyncio.get_running_loop().call_later(KILL_GRACE_S, kill, h, signal.SIGKILL)
+            elif h.state is State.READY and max_rss and h.counter(ch.RSS) > max_rss:
+                self.recycle(h, f"RSS {h.counter(ch.RSS) / 2**20:.0f} MB over --max-worker-memory")
 
     # ============================================================ stopping
     def kill(self, h: WorkerHandle, sig: int) -> None:

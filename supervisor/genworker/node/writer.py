@@ -1,4 +1,5 @@
-"""The outcome writer: workers' outcomes go to PostgreSQL in batches.
+"""The outcome writer: workers' outcomes go to PostgreSQL in batches; jobs given back
+(a dead worker's, the buffer at shutdown) go the same way.
 
 While the database is away the outcomes wait in memory (no claim can succeed then, so
 they are bounded by the jobs this node holds) and are written once it is back.
@@ -10,9 +11,10 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Sequence
 
 from genworker.config import Settings
-from genworker.model import Outcome, OutcomeKind, unstorable
+from genworker.model import Job, Outcome, OutcomeKind, unstorable
 from genworker.node.dbhealth import DB_ERRORS, DbHealth
 from genworker.node.holdings import Done, Holdings
 from genworker.node.stats import FeederStats
@@ -109,6 +111,28 @@ class OutcomeWriter:
         if done.stale:
             log.info("%d outcomes refused: this node no longer owned those jobs", len(done.stale))
         return True
+
+    async def give_back(self, held: Sequence[Job], reason: str | None) -> int | None:
+        """Release jobs to the queue (a reason: their worker died running them), retrying
+        while the database is away; how many were released, None if it never answered."""
+        pairs = [(j.job_id, j.token) for j in held]
+        for attempt in range(50):
+            try:
+                done = await self.queue.release(pairs, reason, self.settings.max_worker_deaths)
+            except DB_ERRORS as e:
+                self.db.failed("release", e)
+                await self.db.pause(min(0.1 * 2**attempt, 2.0))
+                continue
+            self.db.answered()
+            self.stats.released += len(done.applied)
+            dead = [i for i, st in done.applied.items() if st == "dead"]
+            if dead:
+                log.warning(
+                    "%d jobs went dead: %s", len(dead), f"worker died while running it: {reason}"
+                )
+            return len(done.applied)
+        log.error("could not release %d jobs; their leases will expire and requeue them", len(held))
+        return None
 
     def _storable(self, batch: list[Done], error: Exception) -> list[Done]:
         """The batch with each outcome PostgreSQL cannot store (a NaN or a NUL from a
