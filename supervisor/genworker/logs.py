@@ -122,16 +122,20 @@ class NodeSettings(Protocol):
     def resolved_api_key(self) -> str | None: ...
 
 
-def setup_node_logging(settings: NodeSettings, *, stream: TextIO | None = None) -> Redactor:
-    """setup_logging as the settings say, hiding their API key and DB password: for the
-    processes of a node that get their settings over a socket (the zygote, its workers)."""
+def node_secrets(settings: NodeSettings) -> list[str | None]:
+    """The settings' API key and DB password, read without psycopg (fine in a worker)."""
     try:
         key = settings.resolved_api_key()
     except ValueError:  # an unreadable key file: the supervisor has said so already
         key = None
+    return [key, _light_password(settings.database_url)]
+
+
+def setup_node_logging(settings: NodeSettings, *, stream: TextIO | None = None) -> Redactor:
+    """setup_logging as the settings say, hiding their API key and DB password: for the
+    processes of a node that get their settings over a socket (the zygote, its workers)."""
     fmt: Literal["human", "json"] = "json" if settings.log_format == "json" else "human"
-    secrets = [key, _light_password(settings.database_url)]
-    return setup_logging(settings.log_level, fmt, secrets, stream=stream)
+    return setup_logging(settings.log_level, fmt, node_secrets(settings), stream=stream)
 
 
 _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {

@@ -131,3 +131,13 @@ def test_a_429_without_headers_still_waits() -> None:
     assert isinstance(err, RateLimited)
     assert err.retry_after_s == 1.0
     assert err.outcome is OutcomeKind.SNOOZE
+
+
+@pytest.mark.parametrize(
+    "key", [KEY, "sk-IncorrectHorseBatteryStaple42", "sk-proj-providedAPIkeyXY", "Inc"]
+)
+def test_scrub_masks_the_key_but_keeps_the_providers_words(key: str) -> None:
+    out = scrub(f"Incorrect API key provided: {key}. You can find your API key here.", key)
+    assert out.startswith("Incorrect API key provided: ")
+    assert key not in out.replace("Incorrect", "")
+    assert "You can find your API key here." in out

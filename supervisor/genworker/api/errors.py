@@ -25,6 +25,9 @@ _SK_TOKEN = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{3,}")
 _BEARER = re.compile(r"(?i)\bbearer\s+\S+")
 _MASKED = re.compile(r"\S*\*{3,}\S*")  # "abcd****wxyz": a masked key is still a key's shape
 _WORDS = re.compile(r"[A-Za-z0-9_\-]{8,}")
+_PLAIN_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+")  # "Incorrect", "provided", "API"
+_LONG_PIECE = 16  # a piece this long is the key's even if it reads like a word
+_SHORT_KEY = 6
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -35,20 +38,33 @@ class ApiTimeout(TransientError):
         super().__init__(reason, alarm=alarm, cause="timeout")
 
 
-def scrub(text: str, key: str | None = None) -> str:
+def _key_piece(word: str, key: str) -> bool:
+    """A long word that is a piece of the key, and not an ordinary word that happens to be
+    in it: a provider's "Incorrect API key provided: sk-..." keeps its "Incorrect"."""
+    return word in key and (len(word) >= _LONG_PIECE or not _PLAIN_WORD.fullmatch(word))
+
+
+def _mask_key(line: str, key: str) -> str:
+    if len(key) >= _SHORT_KEY:
+        line = line.replace(key, "***")
+    else:  # a very short key would shred ordinary words: only where it stands alone
+        line = re.sub(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", "***", line)
+    # a partial echo: a long word that is a piece of the key
+    return _WORDS.sub(lambda m: "***" if _key_piece(m[0], key) else m[0], line)
+
+
+def scrub(text: str, key: str | None = None, *, max_chars: int = MAX_REASON_CHARS) -> str:
     """One short line of valid text (no control characters, no lone surrogate) with the
     key, any sk-... token, bearer token or masked key removed."""
     text = _CONTROL.sub(" ", text).encode("utf-8", "replace").decode()
     line = " ".join(text.split())
     if key:
-        line = line.replace(key, "***")
-        # a partial echo: any long word that is a piece of the key
-        line = _WORDS.sub(lambda m: "***" if m[0] in key else m[0], line)
+        line = _mask_key(line, key)
     line = _SK_TOKEN.sub("sk-***", line)
     line = _BEARER.sub("Bearer ***", line)
     line = _MASKED.sub("***", line)
-    if len(line) > MAX_REASON_CHARS:
-        line = line[: MAX_REASON_CHARS - 1] + "…"
+    if len(line) > max_chars:
+        line = line[: max_chars - 1] + "…"
     return line
 
 

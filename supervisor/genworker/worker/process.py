@@ -24,8 +24,10 @@ from typing import Any, NoReturn
 from setproctitle import setproctitle
 
 from genworker import channels as ch
+from genworker.api.errors import scrub
 from genworker.buffer import UrgencyBuffer
 from genworker.config import Settings
+from genworker.logs import Redactor, node_secrets
 from genworker.model import Job, JobError, Outcome, OutcomeKind
 
 log = logging.getLogger("genworker.worker")
@@ -119,6 +121,9 @@ class Worker:
         self.stop_reason: str | None = None
         self.done = asyncio.Event()
         self.orphaned = False
+        secrets = node_secrets(settings)
+        self.key = secrets[0]
+        self.redactor = Redactor(secrets)
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -251,7 +256,7 @@ class Worker:
                 job.job_id,
                 job.token,
                 e.outcome,
-                error=e.reason[:1000],
+                error=self.redact(e.reason, 1000),
                 retry_after_s=e.retry_after_s,
                 alarm=e.alarm,
             )
@@ -259,11 +264,15 @@ class Worker:
             raise
         except Exception as e:  # a handler bug or an unexpected error: this job's, not the worker's
             self._observe(time.monotonic() - t0, None)
-            return Outcome(
-                job.job_id, job.token, OutcomeKind.RETRY, error=f"{type(e).__name__}: {e}"[:300]
-            )
+            error = self.redact(f"{type(e).__name__}: {e}", 300)
+            return Outcome(job.job_id, job.token, OutcomeKind.RETRY, error=error)
         self._observe(time.monotonic() - t0, None, ok=True)
         return Outcome(job.job_id, job.token, OutcomeKind.OK, result=result)
+
+    def redact(self, text: str, max_chars: int) -> str:
+        """A handler's error text as it may be stored: tenants and dashboards read it, so
+        no API key, DB password or other secret-shaped text, on one line."""
+        return scrub(self.redactor(text), self.key, max_chars=max_chars)
 
     def _observe(self, seconds: float, error: JobError | None, ok: bool = False) -> None:
         s = self.slot
