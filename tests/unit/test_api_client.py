@@ -333,3 +333,45 @@ def test_generations_url_accepts_a_base_with_or_without_v1() -> None:
     assert generations_url("https://h/") == "https://h/v1/images/generations"
     assert generations_url("https://h/v1") == "https://h/v1/images/generations"
     assert generations_url("http://h:1/p") == "http://h:1/p/v1/images/generations"
+
+
+class Bucket:
+    """Stands in for the host's SharedTokenBucket: records what the handler tells it."""
+
+    def __init__(self) -> None:
+        self.cuts: list[float | None] = []
+
+    async def acquire(self) -> None:
+        return None
+
+    def on_rate_limited(self, retry_after_s: float | None) -> None:
+        self.cuts.append(retry_after_s)
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers", "cuts"),
+    [
+        (err_body("The engine is currently overloaded", "server_error"), {}, 0),
+        (
+            err_body("Busy", "server_error", "server_overloaded"),
+            {"x-ratelimit-limit-requests": "9"},
+            0,
+        ),
+        (err_body("Rate limit reached", "requests", "rate_limit_exceeded"), {}, 1),
+    ],
+)
+def test_only_a_rate_limit_cuts_the_hosts_rate_and_both_snooze_the_job(
+    tmp_path: Path, payload: Any, headers: dict[str, str], cuts: int
+) -> None:
+    bucket = Bucket()
+
+    async def scenario(url: str) -> JobError:
+        s = settings(url, tmp_path)
+        async with make_session(s) as session:
+            with pytest.raises(RateLimited) as caught:
+                await ImageHandler(s, bucket)(job(), session)  # type: ignore[arg-type]
+        return caught.value
+
+    err, _ = run_against_fake(answer(429, payload, **headers), scenario)
+    assert err.outcome.value == "snooze"
+    assert len(bucket.cuts) == cuts

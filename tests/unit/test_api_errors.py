@@ -6,7 +6,14 @@ import json
 from email.utils import formatdate
 
 import pytest
-from genworker.api.errors import RETRY_AFTER_CAP_S, classify, parse_duration, retry_after_s, scrub
+from genworker.api.errors import (
+    RETRY_AFTER_CAP_S,
+    Overloaded,
+    classify,
+    parse_duration,
+    retry_after_s,
+    scrub,
+)
 from genworker.model import OutcomeKind, PermanentError, RateLimited, TransientError, unstorable
 
 KEY = "sk-test-SECRET123"
@@ -141,3 +148,39 @@ def test_scrub_masks_the_key_but_keeps_the_providers_words(key: str) -> None:
     assert out.startswith("Incorrect API key provided: ")
     assert key not in out.replace("Incorrect", "")
     assert "You can find your API key here." in out
+
+
+RATE_HEADERS = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers"),
+    [
+        (body("Engine overloaded", "server_error", "engine_overloaded"), {}),
+        (body("The server is overloaded", "server_error"), RATE_HEADERS),  # OpenAI's headers
+        (body("Busy", "", "server_overloaded"), {"Retry-After": "2"}),
+        (body("The model is currently overloaded. Please try again later."), {}),
+    ],
+)
+def test_a_429_about_the_providers_load_snoozes_as_overloaded(
+    payload: bytes, headers: dict[str, str]
+) -> None:
+    err = classify(429, headers, payload)
+    assert type(err) is Overloaded
+    assert err.outcome is OutcomeKind.SNOOZE
+    assert err.retry_after_s is not None
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers"),
+    [
+        (body("Rate limit reached", "requests", "rate_limit_exceeded"), {}),
+        (body("Slow down", "tokens"), {}),
+        (body("Too many requests, the server is overloaded"), RATE_HEADERS),
+        (b"", {}),  # says nothing either way: the safe side of a shared quota
+    ],
+)
+def test_a_429_with_rate_limit_signals_is_a_rate_limit(
+    payload: bytes, headers: dict[str, str]
+) -> None:
+    assert type(classify(429, headers, payload)) is RateLimited

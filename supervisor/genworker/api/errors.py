@@ -53,6 +53,31 @@ def _mask_key(line: str, key: str) -> str:
     return _WORDS.sub(lambda m: "***" if _key_piece(m[0], key) else m[0], line)
 
 
+class Overloaded(RateLimited):
+    """A 429 about the provider's load, not our rate: the job snoozes, but the host's
+    learned request rate stays (cutting it would slow every worker for nobody's quota)."""
+
+
+_OVERLOAD_LABELS = frozenset(
+    {"server_overloaded", "engine_overloaded", "overloaded", "server_error", "overloaded_error"}
+)
+_RATE_LABELS = frozenset({"rate_limit_exceeded", "requests", "tokens"})
+_OVERLOAD_WORDS = re.compile(r"(?i)overload|over capacity|at capacity|too busy")
+
+
+def _about_our_rate(headers: Mapping[str, str], message: str, etype: str, code: str) -> bool:
+    """Whether a 429 is a rate limit on us. An explicit overload code or type says no (OpenAI
+    sends x-ratelimit-* on every answer, so those headers cannot outrank it); a rate code,
+    type or x-ratelimit-* header says yes; a bare 429 that talks of overload says no, and
+    one that says nothing either way counts as a rate limit (the safe side of a quota)."""
+    labels = {code, etype}
+    if labels & _OVERLOAD_LABELS:
+        return False
+    if labels & _RATE_LABELS or any(k.lower().startswith("x-ratelimit-") for k in headers):
+        return True
+    return not _OVERLOAD_WORDS.search(message)
+
+
 def scrub(text: str, key: str | None = None, *, max_chars: int = MAX_REASON_CHARS) -> str:
     """One short line of valid text (no control characters, no lone surrogate) with the
     key, any sk-... token, bearer token or masked key removed."""
@@ -179,7 +204,8 @@ def classify(
         wait = retry_after_s(headers)
         if wait is None:
             wait = DEFAULT_RATE_LIMIT_WAIT_S
-        return RateLimited(reason, retry_after_s=wait, status=status, cause="http")
+        limited = RateLimited if _about_our_rate(headers, message, etype, code) else Overloaded
+        return limited(reason, retry_after_s=wait, status=status, cause="http")
     if status in (401, 403):
         return PermanentError(reason, alarm="bad_api_key", status=status, cause="http")
     if status in (408, 409) or status >= 500:

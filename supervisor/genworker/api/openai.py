@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from genworker import contract
-from genworker.api.errors import ApiTimeout, classify, scrub
+from genworker.api.errors import ApiTimeout, Overloaded, classify, scrub
 from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import MAX_FILE_BYTES, sniff_mime, store_image
 from genworker.config import ConfigError, Settings
@@ -109,7 +109,7 @@ class ImageHandler:
         try:
             return await self._generate(job, session)
         except JobError as e:
-            if self.bucket is not None and (e.status == 429 or e.outcome is OutcomeKind.SNOOZE):
+            if self.bucket is not None and _slows_the_host(e):
                 self.bucket.on_rate_limited(e.retry_after_s)
             raise
 
@@ -190,6 +190,13 @@ class ImageHandler:
             # a full disk is this host's problem, not the job's: retry (maybe elsewhere)
             failed = f"cannot store image: {e.strerror}"
             raise TransientError(failed, cause="storage") from None
+
+
+def _slows_the_host(e: JobError) -> bool:
+    """A rate limit on us cuts the host's learned rate; an overloaded provider does not."""
+    if isinstance(e, Overloaded):
+        return False
+    return e.status == 429 or e.outcome is OutcomeKind.SNOOZE
 
 
 def first_image(raw: bytes) -> dict[str, Any]:
