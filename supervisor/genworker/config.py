@@ -219,6 +219,12 @@ class Settings:
         None, "where image files go (default DATA_DIR/results)", cmds=_API
     )
     fetch_urls: bool = _opt(False, "download url results and keep them like b64 ones", cmds=_API)
+    fetch_allow: str = _opt(
+        "",
+        "private addresses --fetch-urls may download from, as host[:port], address[:port] "
+        "or CIDR,... (loopback, private, link-local and metadata addresses are refused)",
+        cmds=_API,
+    )
     cache: str | None = _opt(
         None, "result cache: postgres or redis://host:port/db (off when unset)", cmds=_API
     )
@@ -359,7 +365,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
 
 def load_file(path: Path) -> dict[str, Any]:
     data = read_toml(path)
-    warn_if_readable_by_others(path, "config file")
+    if any(FIELDS[k].metadata.get("secret") or k == "database_url" for k in data if k in FIELDS):
+        warn_if_readable_by_others(path, "config file with secrets")
     unknown = sorted(set(data) - set(FIELDS) - {"config_file"})
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")

@@ -104,19 +104,24 @@ def test_a_key_file_or_config_file_others_can_read_is_warned_about_once(
     key.write_text("sk-test\n")
     key.chmod(0o644)
     cfg = tmp_path / "genworker.toml"
-    cfg.write_text('model = "dall-e-3"\n')
+    cfg.write_text('model = "dall-e-3"\napi_key = "sk-in-file"\n')
+    harmless = tmp_path / "harmless.toml"
+    harmless.write_text('model = "dall-e-3"\n')
+    harmless.chmod(0o644)
     cfg.chmod(0o640)
     private = tmp_path / "private-key"
     private.write_text("sk-private\n")
     private.chmod(0o600)
     with caplog.at_level("WARNING", logger="genworker.config"):
+        build({"config_file": str(harmless)}, {})  # no secret in it: nothing to warn about
         settings = build({"api_key_file": str(key), "config_file": str(cfg)}, {})[0]
-        assert settings.resolved_api_key() == "sk-test"
-        assert settings.resolved_api_key() == "sk-test"
+        assert settings.resolved_api_key() == "sk-in-file"  # the flag's file loses to api_key
+        build({"api_key_file": str(key)}, {})[0].resolved_api_key()
+        build({"api_key_file": str(key)}, {})[0].resolved_api_key()
         assert build({"api_key_file": str(private)}, {})[0].resolved_api_key() == "sk-private"
     warned = [r.getMessage() for r in caplog.records]
     assert warned == [
-        f"config file {cfg} can be read by other users (-rw-r-----): chmod 600 it",
+        f"config file with secrets {cfg} can be read by other users (-rw-r-----): chmod 600 it",
         f"API key file {key} can be read by other users (-rw-r--r--): chmod 600 it",
     ]
     assert not any("sk-" in w for w in warned)
