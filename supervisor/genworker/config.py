@@ -365,12 +365,18 @@ def _convert(name: str, raw: Any, source: str) -> Any:
 
 def load_file(path: Path) -> dict[str, Any]:
     data = read_toml(path)
-    if any(FIELDS[k].metadata.get("secret") or k == "database_url" for k in data if k in FIELDS):
-        warn_if_readable_by_others(path, "config file with secrets")
     unknown = sorted(set(data) - set(FIELDS) - {"config_file"})
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
+    if any(_is_secret(k, v) for k, v in data.items()):
+        warn_if_readable_by_others(path, "config file with secrets")
     return data
+
+
+def _is_secret(name: str, value: Any) -> bool:
+    if name == "database_url":  # a DSN is a secret when it carries a password
+        return isinstance(value, str) and mask_dsn(value) != value
+    return bool(FIELDS[name].metadata.get("secret")) if name in FIELDS else False
 
 
 def build(

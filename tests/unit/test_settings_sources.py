@@ -106,7 +106,7 @@ def test_a_key_file_or_config_file_others_can_read_is_warned_about_once(
     cfg = tmp_path / "genworker.toml"
     cfg.write_text('model = "dall-e-3"\napi_key = "sk-in-file"\n')
     harmless = tmp_path / "harmless.toml"
-    harmless.write_text('model = "dall-e-3"\n')
+    harmless.write_text('model = "dall-e-3"\ndatabase_url = "postgresql://app@db/gw"\n')
     harmless.chmod(0o644)
     cfg.chmod(0o640)
     private = tmp_path / "private-key"
