@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from genworker import contract
+from genworker.api.download import Downloader, read_capped
 from genworker.api.errors import ApiTimeout, Overloaded, classify, scrub
 from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import MAX_FILE_BYTES, sniff_mime, store_image
@@ -50,22 +51,6 @@ def generations_url(api_url: str) -> str:
     return f"{base}/v1/images/generations"
 
 
-async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """The body, or TransientError when it is larger than `cap` (never buffered beyond it)."""
-    if resp.content_length is not None and resp.content_length > cap:
-        too_large = f"provider answer too large: {resp.content_length} bytes > {cap}"
-        raise TransientError(too_large, status=resp.status, cause="answer")
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await resp.content.read(64 * 1024):
-        size += len(chunk)
-        if size > cap:
-            too_large = f"provider answer too large: over {cap} bytes"
-            raise TransientError(too_large, status=resp.status, cause="answer")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 class ImageHandler:
     """`await handler(job, session) -> dict`: one image generation per job.
 
@@ -82,6 +67,12 @@ class ImageHandler:
         self.key = settings.resolved_api_key()
         self.output_dir: Path = settings.resolved_output_dir
         self.bucket = bucket
+        self.downloader = Downloader(settings) if settings.fetch_urls else None
+
+    async def close(self) -> None:
+        """Close what the handler opened itself (the download session)."""
+        if self.downloader is not None:
+            await self.downloader.close()
 
     async def pace(self) -> None:
         """Wait for the host's next request token, if it has a budget."""
@@ -161,24 +152,10 @@ class ImageHandler:
             return await self._store(data)
         url = item.get("url")
         if isinstance(url, str) and url.startswith(("http://", "https://")):
-            if not self.settings.fetch_urls:
+            if self.downloader is None:
                 return {"url": url}
-            return await self._store(await self._fetch(url, session))
+            return await self._store(await self.downloader.fetch(url))
         raise TransientError("provider answer has neither b64_json nor an http(s) url")
-
-    async def _fetch(self, url: str, session: aiohttp.ClientSession) -> bytes:
-        # the URL carries a signature, not our key: no Authorization header goes to it
-        try:
-            async with session.get(url) as resp:
-                if resp.status != 200:
-                    failed = f"image download failed: HTTP {resp.status}"
-                    raise TransientError(failed, status=resp.status, cause="http")
-                return await read_capped(resp, MAX_FILE_BYTES)
-        except TimeoutError:
-            raise ApiTimeout("image download timed out") from None
-        except aiohttp.ClientError as e:
-            failed = f"image download failed: {type(e).__name__}"
-            raise TransientError(failed, cause="connection") from None
 
     async def _store(self, data: bytes) -> dict[str, Any]:
         mime = sniff_mime(data)

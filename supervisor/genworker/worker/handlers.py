@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -28,6 +29,8 @@ from genworker.model import Job, PermanentError, unstorable
 if TYPE_CHECKING:
     from genworker.api.limiter import SharedTokenBucket
 
+log = logging.getLogger("genworker.worker")
+
 Handler = Callable[[Job, aiohttp.ClientSession], Awaitable[dict[str, Any]]]
 Pace = Callable[[], Awaitable[None]]
 
@@ -37,8 +40,6 @@ class Paced(Protocol):
     """A handler that owns a rate limit: `pace` returns when its next call may start."""
 
     async def pace(self) -> None: ...
-
-
 
 
 async def noop(job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
@@ -76,6 +77,17 @@ class Checked:
         if why is not None:
             raise PermanentError(f"handler {kind} returned a result that cannot be stored: {why}")
         return result
+
+
+async def close_handlers(handlers: dict[str, Handler]) -> None:
+    """Let handlers that opened something of their own (a session) close it."""
+    for h in handlers.values():
+        close = getattr(getattr(h, "__wrapped__", h), "close", None)
+        if close is not None and _is_async_callable(close):
+            try:
+                await close()
+            except Exception as e:  # the worker is ending anyway: say so, end the others too
+                log.warning("closing a handler failed: %s: %s", type(e).__name__, e)
 
 
 def paces(handlers: dict[str, Handler]) -> dict[str, Pace]:

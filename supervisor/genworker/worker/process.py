@@ -129,7 +129,7 @@ class Worker:
     async def run(self) -> int:
         from genworker.api.limiter import Aimd, SharedTokenBucket
         from genworker.api.openai import make_session
-        from genworker.worker.handlers import load_handlers, paces
+        from genworker.worker.handlers import close_handlers, load_handlers, paces
 
         loop = asyncio.get_running_loop()
         bucket = (
@@ -158,6 +158,7 @@ class Worker:
             for t in list(self.tasks):
                 t.cancel()
             await asyncio.gather(beat, *self.tasks, return_exceptions=True)
+            await close_handlers(self.handlers)
             await self.session.close()
         if self.orphaned:
             return EXIT_ORPHAN
