@@ -26,6 +26,7 @@ from genworker.config import (
     flag_name,
 )
 from genworker.errors import GenworkerError, UsageError
+from genworker.exits import EXIT_INTERRUPTED, EXIT_USAGE
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     if not args.command:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     debug = bool(getattr(args, "debug", False))
     settings: Settings | None = None
     try:
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _load(COMMANDS[args.command][0])(args, settings)
     except KeyboardInterrupt:
         sys.stderr.write("genworker: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `genworker config | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
