@@ -231,6 +231,12 @@ class Settings:
     cache_ttl_s: float = _opt(
         86400.0, "how long cached results stay valid", lo=1, hi=CENTURY_S, cmds=_API
     )
+    cache_shared: bool = _opt(
+        False,
+        "share cached images across tenants (each then gets images others asked for, and a "
+        "hit's speed shows what they asked)",
+        cmds=_API,
+    )
     handlers: tuple[str, ...] = _opt((), "extra job kinds as kind=pkg.module:func,...", cmds=_API)
     # --- operations
     http: str = _opt("127.0.0.1:9464", "metrics/health address host:port ('' disables)", cmds=_RUN)

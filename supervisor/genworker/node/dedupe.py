@@ -6,19 +6,30 @@ completed at once with the stored result. Among the misses, jobs with the same
 request key as one already running wait for it (they "follow" the leader):
 when the leader succeeds they share its result; when it fails or its worker
 dies, they go back to the buffer and the next one leads.
+
+Keys are scoped by tenant (unless --cache-shared), so one tenant never receives another's
+image nor learns from a hit's speed what another asked for. A stored entry is used only
+if its file is inside --output-dir and still has the sha256 it was stored with: an entry
+pointing elsewhere (a tampered cache) or at a changed file is a miss.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import hashlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from genworker.config import Settings
 from genworker.model import Job, Outcome, OutcomeKind
-from genworker.queue.cache import Cache, cache_key, is_cacheable
+from genworker.queue.cache import SHARED, Cache, cache_key, is_cacheable
 
 log = logging.getLogger("genworker.cache")
 
@@ -32,6 +43,7 @@ class GateStats:
     merged: int = 0
     stored: int = 0
     errors: int = 0
+    rejected: int = 0  # entries not used: outside the output dir, or the file changed
 
 
 class CacheGate:
@@ -45,7 +57,8 @@ class CacheGate:
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.stats = GateStats()
 
-    def key(self, job: Job) -> str | None:
+    def key(self, job: Job, tenant: str | None) -> str | None:
+        """The job's request key within `tenant` (SHARED: every tenant's)."""
         if job.kind != "image":
             return None
         p = job.params
@@ -58,13 +71,29 @@ class CacheGate:
             prompt,
             str(p.get("size") or self.settings.size),
             job.idx,
+            tenant,
         )
+
+    async def _scopes(self, jobs: list[Job]) -> dict[int, str | None]:
+        """task id -> the scope of its keys; a task left out is neither cached nor merged."""
+        task_ids = sorted({j.task_id for j in jobs if j.kind == "image"})
+        if self.settings.cache_shared:
+            return dict.fromkeys(task_ids, SHARED)
+        if not task_ids:
+            return {}
+        try:
+            return dict(await self.cache.tenants(task_ids))
+        except Exception as e:  # unknown tenants: run the jobs, share nothing
+            self.stats.errors += 1
+            log.warning("cache tenant lookup failed (%s); running the jobs", type(e).__name__)
+            return {}
 
     async def lookup(self, jobs: list[Job]) -> tuple[list[Job], list[Outcome]]:
         """Split claimed jobs into those to run and outcomes for the cache hits."""
+        scopes = await self._scopes(jobs)
         keyed = {}
         for j in jobs:
-            k = self.key(j)
+            k = self.key(j, scopes[j.task_id]) if j.task_id in scopes else None
             if k is not None:
                 keyed[j.job_id] = k
         if not keyed:
@@ -75,6 +104,11 @@ class CacheGate:
             self.stats.errors += 1
             log.warning("cache lookup failed (%s); running the jobs", type(e).__name__)
             found = {}
+        if found:  # reading files to hash them: off the supervisor's loop
+            out_dir = self.settings.resolved_output_dir
+            good = await asyncio.to_thread(_verified, found, out_dir)
+            self.stats.rejected += len(found) - len(good)
+            found = good
         run, hits = [], []
         for j in jobs:
             k = keyed.get(j.job_id)
@@ -175,3 +209,33 @@ class CacheGate:
         except Exception as e:  # losing a cache write costs a future call, nothing more
             self.stats.errors += 1
             log.warning("cache write failed (%s)", type(e).__name__)
+
+
+def _verified(found: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in found.items() if stored_intact(v, out_dir)}
+
+
+def stored_intact(result: dict[str, Any], out_dir: Path) -> bool:
+    """The entry's image is inside `out_dir` (symlinks resolved) with the sha256 it was
+    stored under; an inline (b64) result has that sha256 too."""
+    digest = result.get("sha256")
+    if not isinstance(digest, str):
+        return False
+    path = result.get("path")
+    if isinstance(path, str):
+        real = os.path.realpath(path)
+        base = os.path.realpath(out_dir)
+        if os.path.dirname(real) != base:  # results are files directly in the output dir
+            return False
+        try:
+            with open(real, "rb") as fh:
+                return hashlib.file_digest(fh, "sha256").hexdigest() == digest
+        except OSError:
+            return False
+    b64 = result.get("b64")
+    if isinstance(b64, str):
+        try:
+            return hashlib.sha256(base64.b64decode(b64, validate=True)).hexdigest() == digest
+        except (binascii.Error, ValueError):
+            return False
+    return False

@@ -1,8 +1,11 @@
 """The result cache: identical requests served from an earlier stored result.
 
 A key is the sha256 of a canonical JSON of the request (provider URL, model,
-prompt, size, variation index). Values are stored results (file path, bytes,
-sha256, mime), never a bare provider URL: those expire, often within the hour.
+prompt, size, variation index) and its scope: the tenant, unless the operator
+shares results across tenants (`--cache-shared`; tenants then receive each other's
+images, and a hit's speed tells one tenant what another asked for). Values are stored
+results (file path, bytes, sha256, mime), never a bare provider URL: those expire, often
+within the hour.
 The supervisor, the only process with a DB connection, looks keys up before it
 dispatches jobs and writes results after; merging identical requests in flight
 happens in its dispatcher. Backends: a PostgreSQL table (default) or Redis.
@@ -22,12 +25,16 @@ from psycopg_pool import AsyncConnectionPool
 from genworker.config import ConfigError, Settings
 from genworker.queue import sql
 
-KEY_VERSION = 1  # bump when the key's recipe changes, so old entries stop matching
+KEY_VERSION = 2  # bump when the key's recipe changes, so old entries stop matching
 PRUNE_BATCH = 1000
+SHARED = None  # the scope of a key shared by every tenant
 
 
-def cache_key(provider_url: str, model: str, prompt: str, size: str, index: int) -> str:
-    """sha256 hex of the canonical request; the same request always gives the same key."""
+def cache_key(
+    provider_url: str, model: str, prompt: str, size: str, index: int, tenant: str | None
+) -> str:
+    """sha256 hex of the canonical request within its scope (a tenant, or SHARED); the same
+    request of the same tenant always gives the same key."""
     canonical = json.dumps(
         {
             "v": KEY_VERSION,
@@ -36,6 +43,7 @@ def cache_key(provider_url: str, model: str, prompt: str, size: str, index: int)
             "prompt": prompt,
             "size": size,
             "index": index,
+            "tenant": tenant,
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -56,8 +64,19 @@ class CacheStats:
     writes: int = 0
 
 
+async def tenants_of(pool: AsyncConnectionPool, task_ids: list[int]) -> dict[int, str]:
+    """The tenant of each task (one query for a claimed batch)."""
+    if not task_ids:
+        return {}
+    async with pool.connection() as conn:
+        cur = await conn.execute(sql.query("cache_tenants"), {"task_ids": task_ids})
+        return {task_id: tenant for task_id, tenant in await cur.fetchall()}
+
+
 class Cache(Protocol):
     stats: CacheStats
+
+    async def tenants(self, task_ids: list[int]) -> dict[int, str]: ...
 
     async def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]: ...
 
@@ -74,6 +93,9 @@ class PostgresCache:
 
     pool: AsyncConnectionPool
     stats: CacheStats = field(default_factory=CacheStats)
+
+    async def tenants(self, task_ids: list[int]) -> dict[int, str]:
+        return await tenants_of(self.pool, task_ids)
 
     async def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         if not keys:
@@ -117,7 +139,8 @@ class RedisCache:
 
     PREFIX = "genworker:cache:"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool: AsyncConnectionPool | None = None) -> None:
+        self.pool = pool  # the queue's database knows each task's tenant
         try:
             import redis.asyncio as aioredis
         except ImportError:
@@ -126,6 +149,10 @@ class RedisCache:
             ) from None
         self.stats = CacheStats()
         self._redis = aioredis.from_url(url)
+
+    async def tenants(self, task_ids: list[int]) -> dict[int, str]:
+        """Without the queue's pool no tenant is known: nothing is cached or shared."""
+        return await tenants_of(self.pool, task_ids) if self.pool is not None else {}
 
     async def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         if not keys:
@@ -178,7 +205,7 @@ def open_cache(settings: Settings, pool: AsyncConnectionPool | None) -> Cache | 
             raise ConfigError("--cache postgres needs the supervisor's database pool")
         return PostgresCache(pool)
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisCache(spec)
+        return RedisCache(spec, pool)
     raise ConfigError(
         f"--cache: expected postgres or redis://host:port/db, got {_mask_url(spec)!r}"
     )

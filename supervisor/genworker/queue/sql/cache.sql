@@ -6,6 +6,12 @@ SELECT key, result
 FROM genworker.cache
 WHERE key = ANY(%(keys)s::text[]) AND expires_at > now();
 
+-- cache_tenants --
+-- The tenant of each given task: a cache key is scoped by it.
+SELECT id, tenant
+FROM genworker.tasks
+WHERE id = ANY(%(task_ids)s::bigint[]);
+
 -- cache_put --
 -- Insert or refresh entries; each lives ttl_s seconds from now.
 INSERT INTO genworker.cache (key, result, created_at, expires_at)
