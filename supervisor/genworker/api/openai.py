@@ -8,6 +8,7 @@ says how the job ended (see `errors.classify`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -20,7 +21,8 @@ from genworker import contract
 from genworker.api.download import Downloader, read_capped
 from genworker.api.errors import ApiTimeout, Overloaded, classify, scrub
 from genworker.api.limiter import SharedTokenBucket
-from genworker.api.results import MAX_FILE_BYTES, sniff_mime, store_image
+from genworker.api.results import MAX_FILE_BYTES, sniff_mime
+from genworker.api.spool import Spool, store_patiently
 from genworker.config import ConfigError, Settings
 from genworker.model import Job, JobError, OutcomeKind, PermanentError, TransientError
 
@@ -68,6 +70,7 @@ class ImageHandler:
         self.output_dir: Path = settings.resolved_output_dir
         self.bucket = bucket
         self.downloader = Downloader(settings) if settings.fetch_urls else None
+        self.spool = Spool([self.output_dir / ".spool", settings.resolved_data_dir / "spool"])
 
     async def close(self) -> None:
         """Close what the handler opened itself (the download session)."""
@@ -97,6 +100,13 @@ class ImageHandler:
         return body, headers
 
     async def __call__(self, job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
+        # only a retry can find bytes an earlier attempt kept (every claim counts an attempt)
+        kept = await asyncio.to_thread(self.spool.take, job.job_id) if job.attempt > 1 else None
+        if kept is not None:  # paid for by an earlier attempt whose store failed
+            data, path = kept
+            result = await self._store(data, job)
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            return result
         try:
             return await self._generate(job, session)
         except JobError as e:
@@ -126,13 +136,13 @@ class ImageHandler:
         except aiohttp.ClientError as e:
             detail = scrub(f"{type(e).__name__} {e}", self.key)
             raise TransientError(f"connection error: {detail}", cause="connection") from None
-        return await self._result(raw, session, resp.status)
+        return await self._result(raw, session, resp.status, job)
 
     async def _result(
-        self, raw: bytes, session: aiohttp.ClientSession, status: int
+        self, raw: bytes, session: aiohttp.ClientSession, status: int, job: Job
     ) -> dict[str, Any]:
         try:
-            return await self._result_of(raw, session)
+            return await self._result_of(raw, session, job)
         except ApiTimeout:
             raise
         except TransientError as e:
@@ -141,7 +151,9 @@ class ImageHandler:
                 e.status, e.cause = status, "answer"
             raise
 
-    async def _result_of(self, raw: bytes, session: aiohttp.ClientSession) -> dict[str, Any]:
+    async def _result_of(
+        self, raw: bytes, session: aiohttp.ClientSession, job: Job
+    ) -> dict[str, Any]:
         item = first_image(raw)
         b64 = item.get("b64_json")
         if isinstance(b64, str) and b64:
@@ -149,23 +161,28 @@ class ImageHandler:
                 data = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError):
                 raise TransientError("provider answer has invalid base64") from None
-            return await self._store(data)
+            return await self._store(data, job)
         url = item.get("url")
         if isinstance(url, str) and url.startswith(("http://", "https://")):
             if self.downloader is None:
                 return {"url": url}
-            return await self._store(await self.downloader.fetch(url))
+            return await self._store(await self.downloader.fetch(url), job)
         raise TransientError("provider answer has neither b64_json nor an http(s) url")
 
-    async def _store(self, data: bytes) -> dict[str, Any]:
+    async def _store(self, data: bytes, job: Job) -> dict[str, Any]:
+        """Store paid-for bytes; retry the write, not the call, and keep them if it fails."""
         mime = sniff_mime(data)
         if mime is None:
             raise TransientError(f"provider image is not PNG/JPEG/WebP/GIF ({len(data)} bytes)")
         try:
-            return await store_image(self.output_dir, data, mime)
+            return await store_patiently(self.output_dir, data, mime)
+        except asyncio.CancelledError:  # the worker is stopping: keep them for the next attempt
+            self.spool.put(job.job_id, data)
+            raise
         except OSError as e:
-            # a full disk is this host's problem, not the job's: retry (maybe elsewhere)
-            failed = f"cannot store image: {e.strerror}"
+            # a full disk is this host's problem, not the job's: retry, without a new call
+            kept = await asyncio.to_thread(self.spool.put, job.job_id, data)
+            failed = f"cannot store image: {e.strerror}" + ("; kept for the retry" if kept else "")
             raise TransientError(failed, cause="storage") from None
 
 
