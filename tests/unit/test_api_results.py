@@ -136,7 +136,9 @@ def test_the_node_creates_the_output_dir_private(tmp_path: Path) -> None:
 
     old = os.umask(0o022)
     try:
-        check_settings(Settings(output_dir=tmp_path / "images", http=""))
+        check_settings(
+            Settings(output_dir=tmp_path / "images", http="", api_url="http://127.0.0.1:9")
+        )
     finally:
         os.umask(old)
     assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700
