@@ -34,6 +34,7 @@ from genworker.config_values import (
 )
 
 __all__ = [  # the names callers import from here, wherever they are defined
+    "BUILTIN_KINDS",
     "CENTURY_S",
     "DEFAULT_CONFIG_FILE",
     "DEFAULT_PLANS",
@@ -53,6 +54,8 @@ __all__ = [  # the names callers import from here, wherever they are defined
 ]
 
 DEFAULT_CONFIG_FILE = Path("/etc/genworker/genworker.toml")
+
+BUILTIN_KINDS = ("image", "noop")  # the job kinds every worker runs (worker/handlers.py)
 
 CENTURY_S = 100 * 365 * 86400.0  # a bound for ages and TTLs PostgreSQL can add to now()
 
@@ -137,8 +140,9 @@ class Settings:
     # --- the queue
     plans: tuple[Plan, ...] = _opt(
         DEFAULT_PLANS,
-        "plans as name=images:priority[:tenant_cap],... (lower priority is served first; "
-        "tenant_cap overrides --tenant-cap for the plan, 0: none)",
+        "plans as name=images:priority[:tenant_cap[:model|model...]],... (lower priority is "
+        "served first; tenant_cap overrides --tenant-cap for the plan, 0: none, empty: "
+        "--tenant-cap; the models its tasks may ask for, all when left out)",
         cmds="start,migrate,config,demo",  # written to the database by start and migrate
     )
     max_attempts: int = _opt(
@@ -146,6 +150,22 @@ class Settings:
     )
     max_prompt_chars: int = _opt(
         4000, "longest prompt accepted", lo=1, hi=1_000_000, cmds="submit,config"
+    )
+    max_params_bytes: int = _opt(
+        16384,
+        "largest task params accepted, in bytes of JSON (a 4000-character prompt takes up to "
+        "16000)",
+        lo=1024,
+        hi=1_048_576,
+        cmds="start,migrate,config,demo",
+    )
+    max_queued_tasks_per_tenant: int = _opt(
+        1000,
+        "unfinished (queued or running) tasks one tenant may have; a submit past it is "
+        "refused (0: no cap)",
+        lo=0,
+        hi=10_000_000,
+        cmds="start,migrate,config,demo",
     )
     retry_base_s: float = _opt(
         1.0, "first retry backoff (doubles, full jitter)", lo=0, hi=3600, cmds=_RUN
@@ -266,6 +286,12 @@ class Settings:
             return self.data_dir
         base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
         return Path(base) / "genworker"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The job kinds this node's workers run: the built-ins, then each --handler's."""
+        extra = (parse_handler_entry(entry)[0] for entry in self.handlers)
+        return tuple(dict.fromkeys((*BUILTIN_KINDS, *extra)))
 
     @property
     def resolved_output_dir(self) -> Path:

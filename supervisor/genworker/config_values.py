@@ -27,6 +27,7 @@ class Plan:
     images: int
     priority: int  # lower is served first
     tenant_cap: int | None = None  # a tenant's jobs of this plan in flight; None: --tenant-cap
+    models: tuple[str, ...] | None = None  # the image models its tasks may ask for; None: any
 
 
 DEFAULT_PLANS: tuple[Plan, ...] = (
@@ -40,25 +41,33 @@ DEFAULT_PLANS: tuple[Plan, ...] = (
 
 
 def format_plans(plans: tuple[Plan, ...]) -> str:
-    return ",".join(
-        f"{p.name}={p.images}:{p.priority}" + ("" if p.tenant_cap is None else f":{p.tenant_cap}")
-        for p in plans
-    )
+    return ",".join(_format_plan(p) for p in plans)
+
+
+def _format_plan(p: Plan) -> str:
+    text = f"{p.name}={p.images}:{p.priority}"
+    cap = "" if p.tenant_cap is None else str(p.tenant_cap)
+    if p.models is not None:
+        return f"{text}:{cap}:{'|'.join(p.models)}"
+    return f"{text}:{cap}" if cap else text
 
 
 _PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,79}$")
 
 
 def parse_plans(text: str) -> tuple[Plan, ...]:
     plans = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        m = re.fullmatch(r"([^=]+)=(\d+)(?::(-?\d+)(?::(\d+))?)?", item)
+        m = re.fullmatch(r"([^=]+)=(\d+)(?::(-?\d+)(?::(\d*)(?::([^:]*))?)?)?", item)
         if not m:
             raise ConfigError(
-                f"bad plan {item!r}: write name=images:priority[:tenant_cap], e.g. pro=70:2:20"
+                f"bad plan {item!r}: write name=images:priority[:tenant_cap[:model|model...]], "
+                "e.g. pro=70:2:20 or pro=70:2::gpt-image-1|dall-e-3"
             )
-        cap = None if m[4] is None else int(m[4])
-        plans.append(Plan(m[1].strip(), int(m[2]), int(m[3] or 0), cap))
+        cap = int(m[4]) if m[4] else None
+        models = None if m[5] is None else tuple(s.strip() for s in m[5].split("|") if s.strip())
+        plans.append(Plan(m[1].strip(), int(m[2]), int(m[3] or 0), cap, models))
     return check_plans(plans)
 
 
@@ -74,10 +83,19 @@ def plans_from(raw: Any) -> tuple[Plan, ...]:
                 int(v["images"]),
                 int(v.get("priority", 0)),
                 None if v.get("tenant_cap") is None else int(v["tenant_cap"]),
+                _models(v.get("models")),
             )
             for k, v in raw.items()
         ]
     )
+
+
+def _models(raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+        raise TypeError("models must be a list of model names")
+    return tuple(raw)
 
 
 def check_plans(plans: list[Plan]) -> tuple[Plan, ...]:
@@ -91,6 +109,11 @@ def check_plans(plans: list[Plan]) -> tuple[Plan, ...]:
             raise ConfigError(f"plan {p.name}: images must be 1..10000, got {p.images}")
         if p.tenant_cap is not None and not 0 <= p.tenant_cap <= 1_000_000:
             raise ConfigError(f"plan {p.name}: tenant_cap must be 0..1000000, got {p.tenant_cap}")
+        if p.models is not None and not p.models:
+            raise ConfigError(f"plan {p.name}: no models listed (leave the list out for any)")
+        for model in p.models or ():
+            if not _MODEL_NAME.match(model):
+                raise ConfigError(f"plan {p.name}: bad model name {model[:40]!r}")
         if p.name in names:
             raise ConfigError(f"plan {p.name} is defined twice")
         names.add(p.name)
@@ -213,7 +236,7 @@ HANDLER_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def parse_handler_entry(entry: str) -> tuple[str, str]:
-    """"kind=pkg.module:func" as (kind, target); ConfigError saying what is wrong."""
+    """ "kind=pkg.module:func" as (kind, target); ConfigError saying what is wrong."""
     kind, sep, target = (s.strip() for s in entry.partition("="))
     if not sep or not kind or not target:
         raise ConfigError(f"bad handler {entry[:80]!r}: write kind=pkg.module:func")

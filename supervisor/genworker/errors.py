@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from genworker.exits import EXIT_FAILED, EXIT_USAGE
+
 
 class GenworkerError(Exception):
     """Base of every error genworker raises on purpose."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class UsageError(GenworkerError):
     """Bad input from the caller: a flag, a setting, a submit. Nothing was changed."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ValidationError(UsageError):
@@ -54,6 +56,32 @@ class InvalidKind(ValidationError):
     code = "GW007"
 
 
+class InvalidOption(ValidationError):
+    """An option the task's model does not take, or a value it does not allow (the same
+    rule as `contract.option_problem`), or any option on a model genworker does not know."""
+
+    code = "GW008"
+
+
+class ModelNotAllowed(ValidationError):
+    """The task's plan lists the models it may use, and this is not one of them."""
+
+    code = "GW009"
+
+
+class TooManyQueued(ValidationError):
+    """The tenant already has --max-queued-tasks-per-tenant tasks queued or running."""
+
+    code = "GW012"
+
+
+class IdempotencyConflict(ValidationError):
+    """An idempotency key reused with another plan, kind, n or params (the same request
+    again returns the first task)."""
+
+    code = "GW013"
+
+
 class TaskNotFound(UsageError):
     """The caller named a task that does not exist (or was pruned): exit 2, like bad input."""
 
@@ -74,8 +102,12 @@ BY_SQLSTATE: dict[str, type[GenworkerError]] = {
         InvalidCount,
         InvalidParams,
         InvalidKind,
+        InvalidOption,
+        ModelNotAllowed,
         TaskNotFound,
         NotRetryable,
+        TooManyQueued,
+        IdempotencyConflict,
     )
 }
 

@@ -112,9 +112,10 @@ def test_a_batch_applies_the_owned_rows_and_reports_the_rest(
 
 
 def test_job_fields_reach_the_worker_in_their_places(dsn: str, client: Client) -> None:
-    task = client.submit("free", "an owl", n=1, params={"size": "512x512"})
+    params = {"model": "dall-e-2", "size": "512x512"}  # a size the default model does not take
+    task = client.submit("free", "an owl", n=1, params=params)
     q: SyncQueue
     with sync_queue(dsn) as q:
         [job] = q.claim("node-a", 1, 30)
     assert (job.task_id, job.idx, job.kind, job.attempt) == (task, 0, "image", 1)
-    assert job.params == {"prompt": "an owl", "size": "512x512"}
+    assert job.params == {"prompt": "an owl", **params}

@@ -118,7 +118,10 @@ def _install_up_to(dsn: str, version: int) -> None:
         c.execute(sql.query("migrate_bootstrap"))
         for mig in sql.migrations()[:version]:
             c.execute(mig.sql.encode())
-            c.execute(sql.query("record_migration"), {"version": mig.version, "name": mig.name})
+            c.execute(
+                sql.query("record_migration"),
+                {"version": mig.version, "name": mig.name, "compatible_with": mig.compatible_with},
+            )
 
 
 # Every starting point: 0 is a fresh install; k upgrades a version-k install. With one

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from contract_cases import REFUSED_OPTIONS
 from genworker.contract import MODELS, option_problem, refusal, request_body
 
 
@@ -125,20 +126,7 @@ def test_the_error_names_the_parameter_as_the_real_api_does() -> None:
     assert got.message == "Unknown parameter: 'response_format'."
 
 
-@pytest.mark.parametrize(
-    ("model", "params", "words"),
-    [
-        ("gpt-image-1", {"style": "vivid"}, "does not take it"),
-        (
-            "gpt-image-1",
-            {"quality": "hd"},
-            "Supported values are: 'low', 'medium', 'high', and 'auto'",
-        ),
-        ("dall-e-3", {"size": "1536x1024"}, "dall-e-3 takes 1024x1024, 1792x1024, 1024x1792"),
-        ("flux-pro", {"quality": "high"}, "is not one genworker knows"),
-        ("gpt-image-1", {"output_compression": "80"}, "Expected an integer from 0 to 100"),
-    ],
-)
+@pytest.mark.parametrize(("model", "params", "words"), REFUSED_OPTIONS)
 def test_options_a_model_does_not_take_are_named_at_submit(
     model: str, params: dict[str, Any], words: str
 ) -> None:

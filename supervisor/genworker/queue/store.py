@@ -105,18 +105,27 @@ class Queue:
     def __init__(self, pool: AsyncConnectionPool, *, snooze_max_s: float = 3600.0) -> None:
         self.pool = pool
         self.snooze_max_s = snooze_max_s
+        # the job kinds this node runs, as it registered them; None (not registered with
+        # kinds): claim every kind
+        self.kinds: list[str] | None = None
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(sql.query(name), params, prepare=True)
             return await cur.fetchall()
 
-    async def claim(self, node: str, n: int, lease_s: float) -> list[Job]:
+    async def claim(
+        self, node: str, n: int, lease_s: float, kinds: Sequence[str] | None = None
+    ) -> list[Job]:
         """Claim up to n runnable jobs, most urgent first, no tenant past its cap (see
-        migrations/0003_scheduling.sql); each Job carries its order key."""
+        migrations/0003_scheduling.sql), only of `kinds` (default: the kinds the node
+        registered with; none registered: any); each Job carries its order key."""
         if n <= 0:
             return []
-        rows = await self._rows("claim_jobs", {"node": node, "n": n, "lease_s": lease_s})
+        wanted = self.kinds if kinds is None else list(kinds)
+        rows = await self._rows(
+            "claim_jobs", {"node": node, "n": n, "lease_s": lease_s, "kinds": wanted}
+        )
         # A batch holds few tasks: decode each task's params once (its jobs share the dict,
         # which nobody mutates: workers get their own copy through the pipe).
         by_text: dict[str, dict[str, Any]] = {}
@@ -170,12 +179,28 @@ class Queue:
         return (rows[0][0], rows[0][1], rows[0][2], float(rows[0][3])) if rows else None
 
     async def register_node(
-        self, node: str, host: str, pid: int, workers: int, info: dict[str, Any]
+        self,
+        node: str,
+        host: str,
+        pid: int,
+        workers: int,
+        info: dict[str, Any],
+        kinds: Sequence[str] | None = None,
     ) -> None:
+        """Announce the node, with the job kinds its workers run: published for `genworker
+        submit`, and from then on the only kinds this queue's claims take."""
+        self.kinds = None if kinds is None else list(kinds)
         async with self.pool.connection() as conn:
             await conn.execute(
                 sql.query("register_node"),
-                {"node": node, "host": host, "pid": pid, "workers": workers, "info": Jsonb(info)},
+                {
+                    "node": node,
+                    "host": host,
+                    "pid": pid,
+                    "workers": workers,
+                    "info": Jsonb(info),
+                    "kinds": self.kinds,
+                },
             )
 
     async def heartbeat(self, node: str, workers: int, info: dict[str, Any]) -> int:

@@ -41,6 +41,8 @@ class JobInfo:
     error: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    input_tokens: int | None = None  # the provider's usage for this image (None: not reported)
+    output_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class TaskInfo:
     params: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
     jobs: tuple[JobInfo, ...] = ()
+    input_tokens: int = 0  # the provider's token usage, summed over the task's images
+    output_tokens: int = 0
 
     @property
     def done(self) -> bool:
@@ -195,6 +199,8 @@ def task_info(row: Sequence[Any], jobs: Sequence[Sequence[Any]] = ()) -> TaskInf
         created_at=row[12],
         started_at=row[13],
         finished_at=row[14],
+        input_tokens=int(row[15]),
+        output_tokens=int(row[16]),
         jobs=tuple(JobInfo(*j) for j in jobs),
     )
 

@@ -14,6 +14,8 @@ from importlib import resources
 
 _BLOCK = re.compile(r"^-- ([a-z0-9_]+) --\n", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# A migration's header may say which older code still runs against its schema.
+_COMPATIBLE = re.compile(r"^-- compatible_with: (\d+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,13 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def compatible_with(self) -> int | None:
+        """The oldest code version (its number of migrations) that can run against this
+        migration's schema, from its `-- compatible_with: N` line; None: only its own."""
+        m = _COMPATIBLE.search(self.sql)
+        return int(m[1]) if m else None
 
 
 def parse_blocks(text: str) -> dict[str, str]:

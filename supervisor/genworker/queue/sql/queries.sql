@@ -12,15 +12,24 @@ CREATE TABLE IF NOT EXISTS genworker.migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
-)
+);
+-- the oldest code version that can still run against this migration's schema (NULL: only its
+-- own): what lets a node run against a schema one version newer than it knows
+ALTER TABLE genworker.migrations ADD COLUMN IF NOT EXISTS compatible_with integer
 
 -- applied_migrations --
 -- Versions already applied.
 SELECT version FROM genworker.migrations ORDER BY version
 
 -- record_migration --
--- Mark one migration as applied.
-INSERT INTO genworker.migrations (version, name) VALUES (%(version)s, %(name)s)
+-- Mark one migration as applied, with the oldest code version it is compatible with.
+INSERT INTO genworker.migrations (version, name, compatible_with)
+VALUES (%(version)s, %(name)s, %(compatible_with)s)
+
+-- newer_migrations --
+-- Migrations newer than this code knows, with the oldest code version each one runs with.
+SELECT version, name, compatible_with FROM genworker.migrations
+ WHERE version > %(version)s ORDER BY version
 
 -- schema_version --
 -- The newest applied migration, or NULL on an empty database.
@@ -28,17 +37,35 @@ SELECT CASE WHEN to_regclass('genworker.migrations') IS NULL THEN NULL
             ELSE (SELECT max(version) FROM genworker.migrations) END AS version
 
 -- upsert_plan --
--- Keep the plans table in step with the settings (tenant_cap NULL: the tenant_cap setting).
-INSERT INTO genworker.plans (name, images, priority, tenant_cap)
-VALUES (%(name)s, %(images)s, %(priority)s, %(tenant_cap)s)
+-- Keep the plans table in step with the settings (tenant_cap NULL: the tenant_cap setting;
+-- models NULL: any model).
+INSERT INTO genworker.plans (name, images, priority, tenant_cap, models)
+VALUES (%(name)s, %(images)s, %(priority)s, %(tenant_cap)s, %(models)s)
 ON CONFLICT (name) DO UPDATE
-SET images = excluded.images, priority = excluded.priority, tenant_cap = excluded.tenant_cap
-WHERE (plans.images, plans.priority, plans.tenant_cap)
-      IS DISTINCT FROM (excluded.images, excluded.priority, excluded.tenant_cap)
+SET images = excluded.images, priority = excluded.priority, tenant_cap = excluded.tenant_cap,
+    models = excluded.models
+WHERE (plans.images, plans.priority, plans.tenant_cap, plans.models)
+      IS DISTINCT FROM (excluded.images, excluded.priority, excluded.tenant_cap, excluded.models)
 
 -- delete_other_plans --
 -- Forget plans the settings no longer name (existing tasks keep their copy of the priority).
 DELETE FROM genworker.plans WHERE NOT (name = ANY (%(names)s))
+
+-- upsert_image_model --
+-- Keep one model's contract (genworker.contract.MODELS) in step for submit-time checks.
+INSERT INTO genworker.image_models (name, max_prompt_chars, sizes, n_max, options, response_formats)
+VALUES (%(name)s, %(max_prompt_chars)s, %(sizes)s, %(n_max)s, %(options)s, %(response_formats)s)
+ON CONFLICT (name) DO UPDATE
+SET max_prompt_chars = excluded.max_prompt_chars, sizes = excluded.sizes, n_max = excluded.n_max,
+    options = excluded.options, response_formats = excluded.response_formats
+WHERE (image_models.max_prompt_chars, image_models.sizes, image_models.n_max,
+       image_models.options, image_models.response_formats)
+      IS DISTINCT FROM (excluded.max_prompt_chars, excluded.sizes, excluded.n_max,
+                        excluded.options, excluded.response_formats)
+
+-- delete_other_image_models --
+-- Forget models the contract no longer lists (a task naming one is then an unknown model).
+DELETE FROM genworker.image_models WHERE NOT (name = ANY (%(names)s))
 
 -- upsert_setting --
 -- Keep one SQL-side setting in step with the settings.
@@ -55,10 +82,11 @@ SELECT genworker.submit_task(%(plan)s, %(params)s, %(tenant)s, %(kind)s, %(idemp
 SELECT genworker.submit_tasks(%(tasks)s) AS ids
 
 -- claim_jobs --
--- Claim up to n of the most urgent runnable jobs under a lease, with each one's order key
--- (params as text: the jobs of one task share it, so the caller decodes it once per task).
+-- Claim up to n of the most urgent runnable jobs of the kinds the node runs (NULL: any) under
+-- a lease, with each one's order key (params as text: the jobs of one task share it, so the
+-- caller decodes it once per task).
 SELECT job_id, token, task_id, idx, kind, attempt, params::text AS params, deaths, urgency
-  FROM genworker.claim_jobs(%(node)s, %(n)s, %(lease_s)s)
+  FROM genworker.claim_jobs(%(node)s, %(n)s, %(lease_s)s, %(kinds)s::text[])
 
 -- complete_jobs --
 -- Write a batch of outcomes, fenced by token; returns the rows that changed. The batch is
@@ -103,12 +131,12 @@ SELECT host, pid, status, extract(epoch FROM now() - heartbeat_at) AS silent_s
   FROM genworker.nodes WHERE id = %(node)s
 
 -- register_node --
--- Announce a node (or bring a restarted one back to life).
-INSERT INTO genworker.nodes (id, host, pid, workers, status, info)
-VALUES (%(node)s, %(host)s, %(pid)s, %(workers)s, 'alive', %(info)s)
+-- Announce a node (or bring a restarted one back to life), with the job kinds it runs.
+INSERT INTO genworker.nodes (id, host, pid, workers, status, info, kinds)
+VALUES (%(node)s, %(host)s, %(pid)s, %(workers)s, 'alive', %(info)s, %(kinds)s::text[])
 ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
     workers = excluded.workers, status = 'alive', started_at = now(), heartbeat_at = now(),
-    info = excluded.info
+    info = excluded.info, kinds = excluded.kinds
 
 -- heartbeat_node --
 -- A node is alive; returns the live node count (for sharing cluster-wide limits).
@@ -141,15 +169,20 @@ SELECT genworker.cancel_task(%(task_id)s) AS status
 -- Requeue a task's dead jobs; returns how many.
 SELECT genworker.retry_task(%(task_id)s) AS requeued
 
+-- retry_dead --
+-- Requeue one batch of dead jobs that died in [since, before), across tasks; returns how many.
+SELECT genworker.retry_dead(%(since)s, %(before)s, %(limit)s) AS requeued
+
 -- get_task --
 -- One task with its progress.
 SELECT id, tenant, plan, kind, params, status, n_jobs, n_succeeded, n_dead, n_cancelled,
-       error, idempotency_key, created_at, started_at, finished_at
+       error, idempotency_key, created_at, started_at, finished_at, input_tokens, output_tokens
   FROM genworker.tasks WHERE id = %(task_id)s
 
 -- task_jobs --
 -- The jobs of one task.
-SELECT id, idx, status, attempts, deaths, result, error, started_at, finished_at
+SELECT id, idx, status, attempts, deaths, result, error, started_at, finished_at,
+       input_tokens, output_tokens
   FROM genworker.jobs WHERE task_id = %(task_id)s ORDER BY idx
 
 -- list_tasks --
@@ -171,6 +204,29 @@ SELECT t.plan, j.status, count(*) AS n
 -- task_counts --
 -- Tasks by status.
 SELECT status, count(*) AS n FROM genworker.tasks GROUP BY status ORDER BY status
+
+-- tenant_usage --
+-- Tokens per tenant over the tasks submitted since a time (index tasks_recent), the biggest
+-- users first, at most limit tenants: what `genworker status` shows, never a scan of jobs.
+SELECT tenant, sum(input_tokens)::bigint AS input_tokens, sum(output_tokens)::bigint AS output_tokens
+  FROM genworker.tasks
+ WHERE created_at >= %(since)s
+ GROUP BY tenant
+HAVING sum(input_tokens + output_tokens) > 0
+ ORDER BY sum(input_tokens + output_tokens) DESC, tenant
+ LIMIT %(limit)s
+
+-- kind_runners --
+-- Whether a live node (heard from within max_age_s) may run a kind: it publishes the kind,
+-- or it publishes no kinds at all (a node older than the kinds column).
+SELECT EXISTS (
+    SELECT 1 FROM genworker.nodes
+     WHERE status = 'alive' AND heartbeat_at > now() - make_interval(secs => %(max_age_s)s)
+       AND (kinds IS NULL OR %(kind)s = ANY (kinds))) AS runs,
+       EXISTS (
+    SELECT 1 FROM genworker.nodes
+     WHERE status = 'alive' AND heartbeat_at > now() - make_interval(secs => %(max_age_s)s)
+       ) AS any_live
 
 -- list_nodes --
 -- Every known node, newest heartbeat first.
