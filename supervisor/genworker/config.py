@@ -216,7 +216,13 @@ class Settings:
     )
     # --- the image API
     api_url: str | None = _opt(
-        None, "OpenAI-compatible API base URL; unset runs the simulated API", cmds=_API
+        None, "OpenAI-compatible API base URL (start needs this or --simulate)", cmds=_API
+    )
+    simulate: bool = _opt(
+        False,
+        "run the simulated image API instead of a provider: every job succeeds with a "
+        "placeholder image (demos and tests; start refuses to run without this or --api-url)",
+        cmds="start,config",
     )
     api_key: str | None = _opt(
         None, "API key (prefer GENWORKER_API_KEY or --api-key-file)", secret=True, cmds=_API

@@ -110,6 +110,8 @@ def node(env: dict[str, str], tmp: Path, *flags: str, workers: int = 2) -> Itera
     """`genworker start` with small settings, running until the block ends."""
     cmd = [*GENWORKER, "start", "--workers", str(workers), "--http", "", "--lease", "6"]
     cmd += ["--graceful-timeout", "5", "--output-dir", str(tmp / "results"), *flags]
+    if "--api-url" not in flags:
+        cmd.append("--simulate")  # no provider given: the node runs the simulated API itself
     p = Proc(cmd, env, tmp / "node.log")
     try:
         yield p

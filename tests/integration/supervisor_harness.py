@@ -184,7 +184,7 @@ class Node:
         self.log_path = workdir / f"{node_id}.log"
         self.output_dir = workdir / "out"
         cmd = [GENWORKER, "start", *(["--workers", str(workers)] if workers else [])]
-        cmd += ["--api-url", api_url] if api_url else []  # none: the node runs its own sim
+        cmd += ["--api-url", api_url] if api_url else ["--simulate"]  # none: its own sim
         cmd += ["--node-id", node_id, "--lease", str(lease_s), "--http", ""]
         cmd += ["--output-dir", str(self.output_dir), *args]
         full_env = {

@@ -220,7 +220,7 @@ def test_a_handler_that_is_not_a_coroutine_stops_the_node_before_any_work(
 ) -> None:
     before = snapshot(busy_db)
     done = genworker(
-        ["start", "--workers", "1", "--http", "", "--handler", "evil=os:system"],
+        ["start", "--simulate", "--workers", "1", "--http", "", "--handler", "evil=os:system"],
         {"DATABASE_URL": dsn},
         tmp_path,
     )

@@ -2,7 +2,7 @@
 
 1. settings and logging (nothing forked yet, no threads);
 2. the shared block and the zygote, forked while this process is still clean;
-3. the simulated API when no --api-url is given (a child process of its own);
+3. the simulated API with --simulate (a child process of its own);
 4. the database: DATABASE_URL or the embedded server, migrated;
 5. the supervisor loop (uvloop) until a signal ends it.
 """
@@ -62,10 +62,24 @@ def check_settings(settings: Settings) -> None:
         make_private_dir(out)  # tenants' images: 0700 when we create it
     except OSError as e:
         raise UsageError(f"cannot create --output-dir {out}: {e.strerror}") from None
+    check_provider(settings)
+
+
+def check_provider(settings: Settings) -> None:
+    """A node runs against a provider or, when asked in so many words, the simulator: a
+    unit whose environment lost its --api-url must not "succeed" every job with a
+    placeholder image."""
+    if settings.simulate and settings.api_url:
+        raise UsageError("give --api-url or --simulate, not both")
+    if not settings.simulate and not settings.api_url:
+        raise UsageError(
+            "no image provider: give --api-url (GENWORKER_API_URL), or --simulate for the "
+            "simulated API (placeholder images)"
+        )
 
 
 class SimProcess:
-    """The simulated image API in a child process, for a node started without --api-url."""
+    """The simulated image API in a child process, for a node started with --simulate."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[str] | None = None
@@ -136,7 +150,7 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
     zygote = start_zygote(settings, block, lock_path)
     sim = SimProcess()
     try:
-        if not settings.api_url:
+        if settings.simulate:
             settings = settings.with_(api_url=sim.start(settings))
             log.warning("simulated image API at %s: results are placeholders", settings.api_url)
             zygote.send_settings(settings)
@@ -148,7 +162,9 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
         def reload_settings() -> Settings:
             new = reread_settings()
             check_settings(new)
-            return new.with_(api_url=new.api_url or settings.api_url)
+            if new.simulate != settings.simulate:
+                raise UsageError("--simulate changes only with a restart")
+            return new.with_(api_url=settings.api_url) if new.simulate else new
 
         arbiter = Arbiter(
             settings,
