@@ -179,6 +179,7 @@ class Node:
         workers: int | None = 2,  # None: no flag (a config file may set it)
         lease_s: float = 3,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.node_id = node_id
         self.log_path = workdir / f"{node_id}.log"
@@ -200,6 +201,7 @@ class Node:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=full_env,
+                cwd=cwd,
                 start_new_session=True,
             )
         self.pid = self.proc.pid

@@ -14,12 +14,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
 from genworker.errors import GenworkerError
+from genworker.procs import child_environ, python_module
 
 _URL = re.compile(r"https?://\S+")
 _PR_SET_PDEATHSIG = 1
@@ -84,12 +84,12 @@ def start_sim(
     timeout_s: float = 60,
 ) -> tuple[Child, str]:
     """The simulated API on a free loopback port; returns it and its base URL."""
-    cmd = [sys.executable, "-m", "genworker.sim", "--host", "127.0.0.1", "--port", "0"]
+    cmd = python_module("genworker.sim", "--host", "127.0.0.1", "--port", "0")
     cmd += ["--latency-ms", f"{latency_ms:g}", "--jitter-ms", f"{jitter_ms:g}"]
     cmd += ["--fail-500", f"{fail_rate:g}", "--seed", str(seed)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        sim = Child("simulated API", cmd, env=dict(os.environ), log=log)
+        sim = Child("simulated API", cmd, env=child_environ(), log=log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and sim.alive():
         # it prints its address once it listens (port 0: the kernel picked one)
@@ -108,11 +108,10 @@ def start_node(args: list[str], dsn: str, log_path: Path) -> Child:
     env = dict(os.environ)
     env["DATABASE_URL"] = dsn  # in the environment, not argv: a DSN may hold a password
     env.pop("GENWORKER_DATABASE_URL", None)
+    env.pop("GENWORKER_SIMULATE", None)  # the demo gives its node the demo's own simulator
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        return Child(
-            "node", [sys.executable, "-m", "genworker.cli", "start", *args], env=env, log=log
-        )
+        return Child("node", python_module("genworker.cli", "start", *args), env=env, log=log)
 
 
 def last_line(path: Path) -> str:

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from genworker.node.zygote import ZygoteHandle, die_with_parent, start_zygote
 from genworker.ops.alarms import parse_limits
 from genworker.ops.http import parse_address
 from genworker.ops.service import Ops
+from genworker.procs import child_environ, python_module
 from genworker.queue.db import connect, resolve_dsn
 from genworker.queue.schema import migrate
 
@@ -85,18 +85,10 @@ class SimProcess:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, settings: Settings) -> str:
-        cmd = [
-            sys.executable,
-            "-m",
-            "genworker.sim",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--announce",
-        ]
+        cmd = python_module("genworker.sim", "--host", "127.0.0.1", "--port", "0", "--announce")
         self.proc = subprocess.Popen(
             cmd,
+            env=child_environ(),  # the simulator needs no secret
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,

@@ -28,7 +28,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -39,6 +38,7 @@ from genworker.channels import SharedBlock
 from genworker.config import Settings
 from genworker.exits import EXIT_FAILED, EXIT_OK
 from genworker.logs import setup_node_logging
+from genworker.procs import child_environ, python_module
 
 PR_SET_PDEATHSIG = 1
 
@@ -75,14 +75,18 @@ def start_zygote(settings: Settings, block: SharedBlock, bucket_lock: str | None
     """Start the zygote as a fresh interpreter. Call before creating any loop, thread,
     pool or session (the exec leaves them behind anyway; the ordering keeps fds few)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    cmd = [
-        sys.executable, "-m", "genworker.node.zygote",
+    cmd = python_module(
+        "genworker.node.zygote",
         "--control-fd", str(child_sock.fileno()), "--block-fd", str(block.fd),
         "--slots", str(block.max_workers), "--bucket-lock", bucket_lock or "",
         "--parent", str(os.getpid()),
-    ]  # fmt: skip
+    )  # fmt: skip
     proc = subprocess.Popen(
-        cmd, pass_fds=(child_sock.fileno(), block.fd), stdin=subprocess.DEVNULL, close_fds=True
+        cmd,
+        pass_fds=(child_sock.fileno(), block.fd),
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+        env=child_environ(),  # workers get the key in their settings; no DSN at all
     )
     child_sock.close()
     handle = ZygoteHandle(proc, parent_sock)

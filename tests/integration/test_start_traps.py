@@ -1,0 +1,107 @@
+"""`genworker start` on production day one: no simulator unless asked for, children that
+import nothing from the directory it was started in and inherit no secret, and checks
+made before anything is launched."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import psycopg
+from genworker.queue.client import Client
+from supervisor_harness import (
+    GENWORKER,
+    Launcher,
+    launch_fixture,  # noqa: F401  (the launch fixture)
+    processes,
+    status_counts,
+    wait_all_finished,
+)
+
+SECRETS = {
+    "GENWORKER_API_KEY": "sk-env-SECRET-1b2c3d4e",
+    "OPENAI_API_KEY": "sk-openai-SECRET-5f6a7b8c",
+    "PGPASSWORD": "pg-SECRET-9d0e",
+}
+
+
+def start(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [GENWORKER, "start", "--http", "", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+def clean_env(dsn: str, **extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GENWORKER_", "DATABASE_"))}
+    return {**env, "DATABASE_URL": dsn, **extra}
+
+
+def test_start_without_a_provider_or_with_two_refuses_in_one_line(
+    dsn: str, tmp_path: Path
+) -> None:
+    done = start("--output-dir", str(tmp_path / "out"), env=clean_env(dsn), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "--api-url" in lines[0] and "--simulate" in lines[0], lines[0]
+    assert "simulated image API at" not in done.stdout + done.stderr  # nothing was launched
+
+    both = start(
+        "--simulate", "--api-url", "http://127.0.0.1:9", env=clean_env(dsn), cwd=tmp_path
+    )
+    assert both.returncode == 2, both.stderr
+    assert both.stderr.strip().splitlines() == [
+        "genworker: error: give --api-url or --simulate, not both"
+    ]
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(
+        item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item
+    )
+
+
+def test_children_import_nothing_from_the_start_directory_and_inherit_no_secret(
+    launch: Launcher, client: Client, conn: psycopg.Connection, dsn: str, tmp_path: Path
+) -> None:
+    # root runs `start` in a directory that holds a `genworker/` package of its own
+    here = tmp_path / "cwd"
+    marker = tmp_path / "decoy-imported"
+    (here / "genworker").mkdir(parents=True)
+    (here / "genworker" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'a').write('imported\\n')\n"
+        "raise ImportError('the decoy genworker package was imported')\n"
+    )
+    env = {**SECRETS, "GENWORKER_DATABASE_URL": dsn}
+    handler = "environ=traps_handlers:environ"
+    node = launch.node(None, "test-traps", "--handler", handler, workers=2, env=env, cwd=here)
+    node.wait_workers(2)
+    client.submit("start", "a decoy", n=6)
+    client.submit("start", params={}, kind="environ", n=4)
+    wait_all_finished(conn, 10, timeout_s=30)
+    assert status_counts(conn) == {"succeeded": 10}
+    assert not marker.exists(), marker.read_text()
+
+    secret_names = {*SECRETS, "DATABASE_URL", "GENWORKER_DATABASE_URL"}
+    seen = conn.execute("SELECT result FROM genworker.jobs WHERE kind = 'environ'").fetchall()
+    for (result,) in seen:  # what the workers' own os.environ holds
+        assert not secret_names & set(result["names"]), result["names"]
+        assert "PYTHONPATH" in result["names"]  # the handler modules' path still reaches them
+        assert result["path0"] != str(here), result
+    # the simulator runs in a session of its own: it is the supervisor's other child
+    zygote = node.zygote()
+    sims = [p.pid for p in processes().values() if p.ppid == node.pid and p.pid != zygote]
+    assert len(sims) == 1 and zygote is not None, sims
+    for pid in [*node.workers().values(), zygote, *sims]:  # what /proc shows of each
+        environ = environ_of(pid)
+        assert not secret_names & set(environ), (pid, secret_names & set(environ))
+        assert not any(v in str(environ) for v in SECRETS.values()), pid
