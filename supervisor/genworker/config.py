@@ -242,7 +242,9 @@ class Settings:
         None, "API calls in flight for the whole cluster", lo=1, cmds=_API
     )
     output_dir: Path | None = _opt(
-        None, "where image files go (default DATA_DIR/results)", cmds=_API
+        None,
+        "where image files go (default DATA_DIR/results); prune deletes pruned tasks' files",
+        cmds=_API + ",prune",
     )
     fetch_urls: bool = _opt(False, "download url results and keep them like b64 ones", cmds=_API)
     fetch_allow: str = _opt(

@@ -3,6 +3,11 @@ time; recent ones and unfinished ones (however old) stay."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import psycopg
 from genworker.model import Outcome, OutcomeKind
 from genworker.queue.client import Client
@@ -81,3 +86,53 @@ def test_prune_forgets_old_dead_and_stopped_nodes(dsn: str, conn: psycopg.Connec
         q.prune(7 * DAY_S)
     left = {r[0] for r in conn.execute("SELECT id FROM genworker.nodes").fetchall()}
     assert left == {"alive", "recently-stopped"}
+
+
+def test_prune_deletes_the_result_files_no_remaining_job_names(
+    dsn: str, conn: psycopg.Connection, client: Client, tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    elsewhere = tmp_path / "another-host"
+    elsewhere.mkdir()
+
+    def image(name: str, where: Path = out) -> str:
+        (where / name).write_bytes(b"png")
+        return str(where / name)
+
+    old = client.submit("free", "old", n=2)
+    shared_old = client.submit("free", "old, its image shared by a recent task", n=1)
+    recent = client.submit("free", "recent", n=1)
+    results = {  # task -> the result paths its jobs will name, in claim order
+        old: [image("a.png"), image("b.png", elsewhere)],
+        shared_old: [image("shared.png")],
+        recent: [str(out / "shared.png")],  # a cache hit: the same file as shared_old's
+    }
+    with sync_queue(dsn) as q:
+        jobs = q.claim("node-a", 10, 30)
+        by_task = {t: list(paths) for t, paths in results.items()}
+        q.complete(
+            [
+                Outcome(j.job_id, j.token, OutcomeKind.OK, {"path": by_task[j.task_id].pop(0)})
+                for j in jobs
+            ]
+        )
+    _age(conn, [old, shared_old], days=8)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENWORKER_")}
+    env |= {"DATABASE_URL": dsn, "GENWORKER_OUTPUT_DIR": str(out)}
+    done = subprocess.run(
+        [sys.executable, "-m", "genworker.cli", "prune", "--retention", str(7 * DAY_S)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(
+        "pruned 2 finished tasks older than 604800s and 1 result files"
+    )
+    assert not (out / "a.png").exists()  # its task is gone and nothing else names it
+    assert (out / "shared.png").exists()  # the recent task still shows it
+    assert (elsewhere / "b.png").exists()  # not in this host's output directory
+    assert {r[0] for r in conn.execute("SELECT id FROM genworker.tasks").fetchall()} == {recent}

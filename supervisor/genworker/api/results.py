@@ -157,3 +157,24 @@ def sweep_temp_files(out_dir: Path) -> int:
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def remove_results(out_dir: Path, paths: list[str]) -> int:
+    """Delete the files of pruned tasks that lie in `out_dir` (this host's); returns how
+    many. A path elsewhere (another host's directory, or one a row was made to name) is
+    left alone: only a file directly in our output directory is ours to delete."""
+    try:
+        home = out_dir.resolve()
+    except OSError:
+        return 0
+    removed = 0
+    for path in paths:
+        p = Path(path)
+        if p.parent.resolve() != home or p.is_symlink():
+            continue
+        try:
+            p.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from genworker.api.results import remove_results
 from genworker.cli.main import print_json
 from genworker.config import FIELDS, Settings, display_value, env_name, flag_name, mask_dsn
 from genworker.errors import GenworkerError, InvalidParams, InvalidPrompt
@@ -245,17 +246,24 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    total = 0
+    """Prune finished tasks past the retention, and their result files in this host's
+    output directory (no other job naming them)."""
+    total = removed = 0
     with _open(settings) as conn, translated():
         while True:  # small batches, so a large backlog never holds long locks
             row = conn.execute(
-                sql.query("prune"), {"older_than_s": settings.retention_s, "limit": 500}
+                sql.query("prune_with_files"),
+                {"older_than_s": settings.retention_s, "limit": 500},
             ).fetchone()
-            n = row[0] if row else 0
+            n, files = (row[0], row[1]) if row else (0, [])
             total += n
+            removed += remove_results(settings.resolved_output_dir, list(files or []))
             if n < 500:
                 break
-    print(f"pruned {total} finished tasks older than {settings.retention_s:g}s")
+    print(
+        f"pruned {total} finished tasks older than {settings.retention_s:g}s "
+        f"and {removed} result files"
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from genworker.api.results import remove_results
 from genworker.node.dbhealth import DB_ERRORS, DB_PROBE_S
 from genworker.node.feeder import Feeder
 from genworker.queue.store import sleep_unless
@@ -53,6 +54,18 @@ def rate_share(api_rps: float | None, live_nodes: int) -> float | None:
     return api_rps / live_nodes if api_rps else None
 
 
+async def prune_batch(f: Feeder) -> None:
+    """Prune one batch of old finished tasks, and delete their result files from this
+    host's output directory (files no remaining job names: a cached result is shared)."""
+    pruned, files = await f.queue.prune_with_files(f.settings.retention_s, PRUNE_BATCH)
+    removed = await asyncio.to_thread(remove_results, f.settings.resolved_output_dir, files)
+    if pruned:
+        log.info(
+            "pruned %d tasks finished over %gs ago, and %d of their result files",
+            pruned, f.settings.retention_s, removed,
+        )  # fmt: skip
+
+
 def reap_every_s(lease_s: float) -> float:
     return max(0.5, min(5.0, lease_s / 3))
 
@@ -75,7 +88,7 @@ async def reap_loop(f: Feeder, stop: asyncio.Event) -> None:
                 f.poke()
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
-                await f.queue.prune(f.settings.retention_s, PRUNE_BATCH)
+                await prune_batch(f)
         except DB_ERRORS as e:
             f.db.failed("reaper", e)
         await sleep_unless(stop, every)

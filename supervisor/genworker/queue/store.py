@@ -219,8 +219,15 @@ class Queue:
         return Reaped(*rows[0])
 
     async def prune(self, older_than_s: float, limit: int = 500) -> int:
-        rows = await self._rows("prune", {"older_than_s": older_than_s, "limit": limit})
-        return int(rows[0][0])
+        return (await self.prune_with_files(older_than_s, limit))[0]
+
+    async def prune_with_files(
+        self, older_than_s: float, limit: int = 500
+    ) -> tuple[int, list[str]]:
+        """One batch: (tasks pruned, their result files that no remaining job names)."""
+        params = {"older_than_s": older_than_s, "limit": limit}
+        rows = await self._rows("prune_with_files", params)
+        return int(rows[0][0]), list(rows[0][1] or [])
 
 
 class Listener:

@@ -233,3 +233,29 @@ SELECT EXISTS (
 SELECT id, host, pid, status, workers, started_at, heartbeat_at, info,
        extract(epoch FROM now() - heartbeat_at) AS heartbeat_age_s
   FROM genworker.nodes ORDER BY heartbeat_at DESC
+
+-- prune_with_files --
+-- Delete one small batch of finished tasks older than the retention (and nodes gone that
+-- long); returns how many tasks, and the result files of their jobs that no other job still
+-- names (a cached result is shared), for the caller to delete. One scan of jobs per batch.
+WITH old AS (
+    SELECT id FROM genworker.tasks
+     WHERE finished_at < now() - make_interval(secs => %(older_than_s)s)
+       AND status IN ('succeeded', 'failed', 'cancelled')
+     ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), files AS (
+    SELECT DISTINCT j.result ->> 'path' AS path
+      FROM genworker.jobs j JOIN old ON old.id = j.task_id
+     WHERE j.result ? 'path'
+), gone AS (
+    DELETE FROM genworker.tasks t USING old WHERE t.id = old.id RETURNING t.id
+), nodes_gone AS (
+    DELETE FROM genworker.nodes
+     WHERE status IN ('dead', 'stopped')
+       AND heartbeat_at < now() - make_interval(secs => %(older_than_s)s)
+)
+SELECT (SELECT count(*) FROM gone) AS pruned,
+       ARRAY(SELECT f.path FROM files f
+              WHERE NOT EXISTS (SELECT 1 FROM genworker.jobs j
+                                 WHERE j.result ->> 'path' = f.path
+                                   AND j.task_id NOT IN (SELECT id FROM old))) AS orphaned
