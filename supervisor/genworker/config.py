@@ -246,6 +246,13 @@ class Settings:
         "where image files go (default DATA_DIR/results); prune deletes pruned tasks' files",
         cmds=_API + ",prune",
     )
+    min_free_disk_mb: int = _opt(
+        1024,
+        "free space --output-dir needs: start refuses with less, and the low_disk alarm "
+        "raises below it (0: no check)",
+        lo=0,
+        cmds=_RUN,
+    )
     fetch_urls: bool = _opt(False, "download url results and keep them like b64 ones", cmds=_API)
     fetch_allow: str = _opt(
         "",

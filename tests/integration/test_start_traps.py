@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 from genworker.queue.client import Client
@@ -105,3 +106,57 @@ def test_children_import_nothing_from_the_start_directory_and_inherit_no_secret(
         environ = environ_of(pid)
         assert not secret_names & set(environ), (pid, secret_names & set(environ))
         assert not any(v in str(environ) for v in SECRETS.values()), pid
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_second_start_is_refused_before_it_launches_anything(
+    launch: Launcher, dsn: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    first = launch.node(None, "test-first", "--http", f"127.0.0.1:{port}", workers=1)
+    first.wait_workers(1)
+    log = first.log()
+    assert f"results go to {first.output_dir.resolve()}" in log, log
+    assert "database: " in log and "unauthenticated" not in log, log
+
+    env = clean_env(dsn)
+    out = ["--output-dir", str(tmp_path / "out2"), "--workers", "1", "--simulate"]
+    same_port = start(*out, "--node-id", "test-second", "--http", f"127.0.0.1:{port}",
+                      env=env, cwd=tmp_path)  # fmt: skip
+    assert same_port.returncode != 0
+    assert same_port.stderr.strip().splitlines()[-1].startswith(
+        f"genworker: error: cannot serve metrics on 127.0.0.1:{port}: port in use"
+    ), same_port.stderr
+    assert "simulated image API at" not in same_port.stderr  # refused before it launched it
+
+    same_id = start(*out, "--node-id", "test-first", env=env, cwd=tmp_path)
+    assert same_id.returncode == 2, same_id.stderr
+    assert "node id 'test-first' is in use by the supervisor" in same_id.stderr
+    assert "a node already runs here" in same_id.stderr
+    assert "simulated image API at" not in same_id.stderr
+
+
+def test_start_refuses_an_output_dir_without_room_and_warns_of_a_missing_key(
+    launch: Launcher, dsn: str, tmp_path: Path
+) -> None:
+    env = clean_env(dsn)
+    full = start("--simulate", "--output-dir", str(tmp_path / "o"), "--min-free-disk",
+                 str(2**40), env=env, cwd=tmp_path)  # fmt: skip
+    assert full.returncode == 2, full.stderr
+    assert full.stderr.strip().splitlines() == [
+        f"genworker: error: --output-dir {tmp_path / 'o'} has "
+        + full.stderr.split(" has ", 1)[1].split(" MB", 1)[0]
+        + f" MB free, less than --min-free-disk {2**40} MB"
+    ]
+    # a provider with no key: one warning at start (nothing listens there; no job is run)
+    nowhere = SimpleNamespace(url="http://127.0.0.1:9")
+    keyless = launch.node(nowhere, "test-keyless", workers=1)  # type: ignore[arg-type]
+    keyless.wait_workers(1)
+    assert keyless.log().count("WARNING genworker.start: no API key: calls go unauthenticated") == 1

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+import psycopg
 from setproctitle import setproctitle
 
 from genworker import channels as ch
@@ -30,6 +31,7 @@ from genworker.node.workers import Workers
 from genworker.node.zygote import ZygoteHandle
 from genworker.ops.alarms import parse_limits
 from genworker.ops.service import NodeView
+from genworker.queue import sql
 from genworker.queue.store import Queue
 
 log = logging.getLogger("genworker.arbiter")
@@ -296,21 +298,40 @@ async def claim_node_id(queue: Queue, node: str, lease_s: float) -> None:
     """Refuse a node id another live supervisor runs under: both would renew (and give
     back) each other's jobs. A previous life of this node id that died is fine: its
     jobs come back at once."""
-    row = await queue.node_row(node)
+    why = node_id_in_use(node, await queue.node_row(node), lease_s)
+    if why:
+        raise UsageError(why)
+
+
+def check_node_id(conn: psycopg.Connection[Any], node: str, lease_s: float) -> None:
+    """claim_node_id before the node launches anything (boot): the same verdict, on the
+    connection that migrated. The arbiter asks again: two starts may race."""
+    row = conn.execute(sql.query("node_row"), {"node": node}).fetchone()
+    parsed = None if row is None else (row[0], row[1], row[2], float(row[3]))
+    why = node_id_in_use(node, parsed, lease_s)
+    if why:
+        raise UsageError(why)
+
+
+def node_id_in_use(
+    node: str, row: tuple[str, int, str, float] | None, lease_s: float
+) -> str | None:
+    """Why another live supervisor holds this node id, given its nodes row; None if free."""
     if row is None or row[2] != "alive":
-        return
+        return None
     host, pid, _, silent_s = row
     here = socket.gethostname()
     if host == here and pid != os.getpid() and _is_supervisor(pid):
-        raise UsageError(
+        return (
             f"node id {node!r} is in use by the supervisor with pid {pid} on this "
-            "host: give each supervisor its own --node-id"
+            "host (a node already runs here): give each supervisor its own --node-id"
         )
     if host != here and silent_s < lease_s:
-        raise UsageError(
+        return (
             f"node id {node!r} is alive on host {host} (heard of {silent_s:.0f}s ago): "
             "give each supervisor its own --node-id"
         )
+    return None
 
 
 def run_coroutine(coro: Coroutine[Any, Any, int]) -> int:

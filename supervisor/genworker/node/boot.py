@@ -1,10 +1,11 @@
 """Bring a node up in the right order (`genworker start`).
 
-1. settings and logging (nothing forked yet, no threads);
+1. settings and logging (nothing forked yet, no threads), the checks that can refuse the
+   start: --output-dir writable with room, the --http port bound, the database (DATABASE_URL
+   or the embedded server) migrated, no other live supervisor under this node id;
 2. the shared block and the zygote, forked while this process is still clean;
 3. the simulated API with --simulate (a child process of its own);
-4. the database: DATABASE_URL or the embedded server, migrated;
-5. the supervisor loop (uvloop) until a signal ends it.
+4. the supervisor loop (uvloop) until a signal ends it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -27,13 +29,14 @@ from genworker import channels as ch
 from genworker import logs
 from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import make_private_dir, sweep_temp_files
-from genworker.config import Settings
+from genworker.config import Settings, mask_dsn
 from genworker.errors import GenworkerError, UsageError
 from genworker.exits import EXIT_FAILED
 from genworker.logs import Redactor, dsn_password
-from genworker.node.arbiter import Arbiter, run_coroutine
+from genworker.node.arbiter import Arbiter, check_node_id, run_coroutine
 from genworker.node.zygote import ZygoteHandle, die_with_parent, start_zygote
 from genworker.ops.alarms import parse_limits
+from genworker.ops.http import bind as bind_http
 from genworker.ops.http import parse_address
 from genworker.ops.service import Ops
 from genworker.procs import child_environ, python_module
@@ -62,7 +65,23 @@ def check_settings(settings: Settings) -> None:
         make_private_dir(out)  # tenants' images: 0700 when we create it
     except OSError as e:
         raise UsageError(f"cannot create --output-dir {out}: {e.strerror}") from None
+    check_output_dir(out, settings.min_free_disk_mb)
     check_provider(settings)
+
+
+def check_output_dir(out: Path, min_free_mb: int) -> None:
+    """Images can be written there (a probe file) and it has room (--min-free-disk)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".genworker-probe-"):
+            pass
+        free_mb = shutil.disk_usage(out).free / 2**20
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}") from None
+    if free_mb < min_free_mb:
+        raise UsageError(
+            f"--output-dir {out} has {free_mb:.0f} MB free, less than --min-free-disk "
+            f"{min_free_mb} MB"
+        )
 
 
 def check_provider(settings: Settings) -> None:
@@ -134,6 +153,20 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
     swept = sweep_temp_files(settings.resolved_output_dir)
     if swept:
         log.info("removed %d half-written result files of workers that were killed", swept)
+    # What can refuse the start is asked before anything is launched: the --http port, the
+    # database, another supervisor under this node id.
+    http_socket = bind_http(settings.http)
+    try:
+        dsn = resolve_dsn(settings)
+        redactor.add(dsn_password(dsn))
+        with connect(dsn, timeout_s=settings.db_pool_timeout_s) as conn:
+            migrate(conn, settings)
+            check_node_id(conn, settings.resolved_node_id, settings.lease_s)
+    except BaseException:
+        if http_socket is not None:
+            http_socket.close()
+        raise
+    announce(settings, dsn)
     block = ch.SharedBlock(MAX_SLOTS)
     lock_fd, lock_path = tempfile.mkstemp(prefix="genworker-bucket-", suffix=".lock")
     os.close(lock_fd)
@@ -146,10 +179,6 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
             settings = settings.with_(api_url=sim.start(settings))
             log.warning("simulated image API at %s: results are placeholders", settings.api_url)
             zygote.send_settings(settings)
-        dsn = resolve_dsn(settings)
-        redactor.add(dsn_password(dsn))
-        with connect(dsn, timeout_s=settings.db_pool_timeout_s) as conn:
-            migrate(conn, settings)
 
         def reload_settings() -> Settings:
             new = reread_settings()
@@ -164,15 +193,29 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
             zygote=zygote,
             block=block,
             reload_settings=reload_settings,
-            hooks=Ops(settings, redactor=redactor),
+            hooks=Ops(settings, redactor=redactor, http_socket=http_socket),
             set_api_rate=bucket.set_rate,  # one live node's share of --api-rps, for every worker
         )
         return run_coroutine(arbiter.run())
     finally:
+        if http_socket is not None:
+            http_socket.close()  # aiohttp's cleanup closed it if the node got that far
         _stop_zygote(zygote)
         sim.stop()
         with contextlib.suppress(OSError):
             Path(lock_path).unlink()
+
+
+def announce(settings: Settings, dsn: str) -> None:
+    """Say where results go and which database is used; warn of calls without a key."""
+    log.info("results go to %s", settings.resolved_output_dir.resolve())
+    if settings.database_url:
+        log.info("database: %s", mask_dsn(dsn))
+    else:
+        where = settings.resolved_data_dir
+        log.info("database: the embedded server in %s (%s)", where, mask_dsn(dsn))
+    if settings.api_url and not settings.resolved_api_key():
+        log.warning("no API key: calls go unauthenticated")
 
 
 def _stop_zygote(zygote: ZygoteHandle) -> None:

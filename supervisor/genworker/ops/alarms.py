@@ -152,6 +152,19 @@ def default_alarms(limits: AlarmLimits | None = None, **overrides: float) -> lis
     ]  # fmt: skip
 
 
+def low_disk_alarm(min_free_mb: float) -> Alarm:
+    """Fed with the MB --output-dir's free space is short of `min_free_mb` (negative: to
+    spare); clears once 10 % more than the limit is free again."""
+    return Alarm(
+        "low_disk",
+        "output dir free space short by",
+        0.0,
+        -0.1 * min_free_mb,
+        fmt=lambda v: f"{v:.0f} MB",
+        clear_text="free space is back above the limit",
+    )
+
+
 # keyword names default_alarms() took before AlarmLimits existed
 _OLD_NAMES = {
     "restarts_per_minute": "worker_restarts",

@@ -140,25 +140,58 @@ def _why(e: OSError) -> str:
     }.get(e.errno or 0, e.strerror or type(e).__name__)
 
 
-async def serve(app: web.Application, address: str) -> web.AppRunner | None:
-    """Start serving `app` on `address`; None when disabled (''). The caller awaits
-    `runner.cleanup()` on shutdown. Raises HttpServeError, UsageError."""
+def _cannot_serve(address: str, e: OSError) -> HttpServeError:
+    hint = " (another genworker? choose another --http, or '' to disable)"
+    return HttpServeError(
+        f"cannot serve metrics on {address}: {_why(e)}"
+        + (hint if e.errno == errno.EADDRINUSE else "")
+    )
+
+
+def bind(address: str) -> socket.socket | None:
+    """A listening socket on `address`, None when disabled (''): bound before a node
+    launches anything, so a port in use stops it with one line and nothing to undo.
+    Raises HttpServeError, UsageError."""
     where = parse_address(address)
     if where is None:
         return None
     host, port = where
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise _cannot_serve(address, e) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise _cannot_serve(address, e) from None
+    sock.set_inheritable(False)
+    return sock
+
+
+async def serve(
+    app: web.Application, address: str, sock: socket.socket | None = None
+) -> web.AppRunner | None:
+    """Start serving `app` on `sock` (from bind(address)), else on `address`; None when
+    disabled (''). The caller awaits `runner.cleanup()` on shutdown. Raises
+    HttpServeError, UsageError."""
+    if sock is None:
+        sock = bind(address)
+    if sock is None:
+        return None
     # access_log=None: a scrape every 15 s is not an event worth a log line.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.SockSite(runner, sock).start()
     except OSError as e:
         await runner.cleanup()
-        hint = " (another genworker? choose another --http, or '' to disable)"
-        raise HttpServeError(
-            f"cannot serve metrics on {address}: {_why(e)}"
-            + (hint if e.errno == errno.EADDRINUSE else "")
-        ) from None
+        raise _cannot_serve(address, e) from None
     bound = ", ".join(
         f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}" for a in runner.addresses
     )

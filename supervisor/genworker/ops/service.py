@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -28,7 +30,14 @@ from genworker.background import TaskOwner
 from genworker.config import ConfigError, Settings
 from genworker.logs import Redactor
 from genworker.ops import systemd
-from genworker.ops.alarms import Alarms, ErrorRate, SlidingWindow, default_alarms, parse_limits
+from genworker.ops.alarms import (
+    Alarms,
+    ErrorRate,
+    SlidingWindow,
+    default_alarms,
+    low_disk_alarm,
+    parse_limits,
+)
 from genworker.ops.http import Readiness, assess_readiness, make_app, serve
 from genworker.ops.metrics import DB_WAIT_BUCKETS_S, GenworkerMetrics
 from genworker.ops.readings import (
@@ -85,11 +94,18 @@ class NodeView(Node, Protocol):
 
 
 class Ops:
-    def __init__(self, settings: Settings, *, redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redactor: Redactor | None = None,
+        http_socket: socket.socket | None = None,
+    ) -> None:
         self.settings = settings
+        self.http_socket = http_socket  # bound by boot before it launched anything
         limits = parse_limits(settings.alarms)
         self.metrics = GenworkerMetrics()
-        self.alarms = Alarms(default_alarms(limits))
+        self.alarms = Alarms([*default_alarms(limits), low_disk_alarm(settings.min_free_disk_mb)])
         self.errors = ErrorRate(limits.window_s)
         self.restarts = SlidingWindow(limits.window_s)
         self.db_waits = SlidingWindow(limits.db_window_s)
@@ -110,7 +126,7 @@ class Ops:
     # ========================================================== the hooks
     async def starting(self, arbiter: NodeView) -> None:
         self.arbiter = arbiter
-        self.runner = await serve(make_app(self), self.settings.http)
+        self.runner = await serve(make_app(self), self.settings.http, self.http_socket)
         if self.runner is not None:
             host, port = self.runner.addresses[0][:2]
             self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -195,12 +211,26 @@ class Ops:
         self.alarms.update("api_error_rate", self.errors.ratio(now), now)
         self.alarms.update("db_wait", self.db_waits.max(now), now)
         self.alarms.update("worker_restarts", self.restarts.sum(now), now)
+        self.check_disk(now)
         self.alarms.tick(now)
         if not self.ready_sent and self._all_up():
             self.ready_sent = True
             line = self.status_line()
             log.info("ready: %s", line)
             systemd.ready(line)
+
+    def check_disk(self, now: float) -> None:
+        """Feed low_disk with what --output-dir's free space lacks (statvfs: cheap)."""
+        need = self.settings.min_free_disk_mb
+        if not need:
+            return
+        out = self.settings.resolved_output_dir
+        try:
+            free_mb = shutil.disk_usage(out).free / 2**20
+        except OSError:
+            return  # a missing dir fails the writes, which say so
+        why = f"{free_mb:.0f} MB free in {out}, under --min-free-disk {need} MB"
+        self.alarms.update("low_disk", need - free_mb, now, detail=why)
 
     def _deltas(self, counts: dict[str, float]) -> dict[str, float]:
         """How much each counter grew since the last tick (0 at the first)."""
