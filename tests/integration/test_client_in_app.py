@@ -10,7 +10,7 @@ import threading
 import psycopg
 import pytest
 from genworker import AsyncClient, Client, TaskInfo
-from genworker.errors import InvalidPlan, TaskNotFound
+from genworker.errors import GenworkerError, InvalidPlan, TaskNotFound
 from genworker.model import Outcome, OutcomeKind, TaskStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from queue_support import counts, sync_queue
@@ -125,3 +125,25 @@ def test_the_async_client_in_the_apps_transaction_and_pool(dsn: str) -> None:
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_client_with_no_argument_uses_database_url(
+    dsn: str, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)  # removed for the tests; set for this one
+    monkeypatch.setenv("GENWORKER_CONFIG", "/dev/null")  # no host config file in the way
+    with Client() as gw:
+        task = gw.submit("free", "a gull", tenant="acme")
+        assert gw.get(task).tenant == "acme"
+
+    async def from_async() -> int:
+        async with AsyncClient() as gw:
+            return int(await gw.submit("free", "a tern"))
+
+    asyncio.run(from_async())
+    assert counts(conn) == (2, 4)
+
+
+def test_a_client_takes_at_most_one_source(dsn: str) -> None:
+    with psycopg.connect(dsn) as c, pytest.raises(GenworkerError):
+        Client(dsn, conn=c)

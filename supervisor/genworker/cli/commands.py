@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -14,7 +15,7 @@ import psycopg
 from genworker.api.results import remove_results
 from genworker.cli.main import print_json
 from genworker.config import FIELDS, Settings, display_value, env_name, flag_name, mask_dsn
-from genworker.errors import GenworkerError, InvalidParams, InvalidPrompt
+from genworker.errors import GenworkerError, InvalidParams, InvalidPrompt, UsageError
 from genworker.model import TaskStatus
 from genworker.queue import schema, sql
 from genworker.queue.client import Client, TaskInfo
@@ -61,7 +62,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             idempotency_key=args.idempotency_key,
             n=args.n,
         )
-        _warn_if_no_node(conn)
+        _warn_if_no_node(conn, args.kind)
         if not args.wait:
             info = client.get(task_id)
             if args.json:
@@ -95,13 +96,22 @@ def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     return params
 
 
-def _warn_if_no_node(conn: psycopg.Connection) -> None:
-    """A first-time user's most likely surprise: a task that waits for a node never started."""
+def _warn_if_no_node(conn: psycopg.Connection, kind: str) -> None:
+    """A first-time user's most likely surprise: a task that waits for a node never started,
+    or for a node with a handler for its kind (nodes publish the kinds they run)."""
     with translated():
-        nodes = conn.execute(sql.query("list_nodes")).fetchall()
-    if not any(r[3] == "alive" and float(r[8]) < LIVE_NODE_S for r in nodes):
+        row = conn.execute(
+            sql.query("kind_runners"), {"kind": kind, "max_age_s": LIVE_NODE_S}
+        ).fetchone()
+    runs, any_live = row if row else (False, False)
+    if not any_live:
         sys.stderr.write(
             "genworker: note: no node is running; the task waits until `genworker start` runs\n"
+        )
+    elif not runs:
+        sys.stderr.write(
+            f"genworker: note: no running node runs {terminal_safe(kind, 40)} jobs; the task "
+            f"waits until a node starts with --handler {terminal_safe(kind, 40)}=pkg.module:func\n"
         )
 
 
@@ -186,6 +196,8 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         f"took {_seconds(info.finished_at, info.created_at)}"
     )
     print(f"  params {terminal_safe(json.dumps(info.params), 200)}")
+    if info.input_tokens or info.output_tokens:
+        print(f"  usage: {info.input_tokens} input, {info.output_tokens} output tokens")
     for j in info.jobs:
         # a result (where the image is) is printed whole, whatever the terminal's width
         what = terminal_safe(j.error, 300) if j.error else _result_line(j.result)
@@ -237,12 +249,62 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """`retry TASK`, or `retry --status dead --since 1h`: every job that died since then."""
+    if (args.task_id is None) == (args.since is None):
+        raise UsageError(
+            "retry takes a TASK, or --status dead --since AGE|TIME (e.g. 1h, 2024-05-01T08:00Z)"
+        )
+    if args.task_id is None:
+        return _retry_dead(args, settings)
     with _open(settings) as conn:
         n = Client(conn=conn).retry(args.task_id)
     print_json({"task": args.task_id, "requeued": n}) if args.json else print(
         f"task {args.task_id}: {n} dead jobs requeued"
     )
     return 0
+
+
+RETRY_BATCH = 500  # dead jobs requeued per statement: short locks, however long the outage
+
+
+def _retry_dead(args: argparse.Namespace, settings: Settings) -> int:
+    total = 0
+    with _open(settings) as conn, translated():
+        now = conn.execute(sql.query("db_now")).fetchone()
+        before = now[0] if now else datetime.now(UTC)
+        since = since_time(args.since, before)
+        while True:
+            row = conn.execute(
+                sql.query("retry_dead"), {"since": since, "before": before, "limit": RETRY_BATCH}
+            ).fetchone()
+            n = int(row[0]) if row else 0
+            total += n
+            if n < RETRY_BATCH:
+                break
+    if args.json:
+        print_json({"since": since.isoformat(), "requeued": total})
+    else:
+        print(f"{total} dead jobs requeued (died since {since.isoformat(timespec='seconds')})")
+    return 0
+
+
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_time(text: str, now: datetime) -> datetime:
+    """--since: an age before `now` (90s, 30m, 1h, 2d) or an ISO 8601 time (UTC unless it
+    names a zone)."""
+    m = _AGE.match(text.strip())
+    if m:
+        return now - timedelta(seconds=float(m[1]) * _UNIT_S[m[2]])
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--since {text[:40]!r}: give an age such as 1h or 30m, or an ISO time"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
@@ -320,6 +382,10 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         value = display_value(name, getattr(settings, name))
         if "://" in value:  # any URL (API, cache) may carry user:password@
             value = mask_dsn(value)
+        if name == "database_url" and not value:  # say where commands will connect
+            from genworker.queue.embedded import described
+
+            value = described(settings.resolved_data_dir)
         rows.append(
             {
                 "setting": name,

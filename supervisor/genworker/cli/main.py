@@ -38,7 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tasks": ("genworker.cli.commands:cmd_tasks", "list recent tasks"),
     "show": ("genworker.cli.commands:cmd_show", "show one task and its jobs"),
     "cancel": ("genworker.cli.commands:cmd_cancel", "cancel a task"),
-    "retry": ("genworker.cli.commands:cmd_retry", "requeue a task's dead jobs"),
+    "retry": (
+        "genworker.cli.commands:cmd_retry",
+        "requeue a task's dead jobs, or with --since every job that died since then",
+    ),
     "migrate": ("genworker.cli.commands:cmd_migrate", "create or upgrade the database schema"),
     "prune": ("genworker.cli.commands:cmd_prune", "delete finished tasks older than --retention"),
     "config": (
@@ -120,8 +123,22 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         )
         p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
         p.add_argument("--json", action="store_true", help=json_help)
-    elif name in ("show", "cancel", "retry"):
+    elif name in ("show", "cancel"):
         p.add_argument("task_id", type=task_id, metavar="TASK", help="task id")
+        p.add_argument("--json", action="store_true", help=json_help)
+    elif name == "retry":
+        p.add_argument("task_id", type=task_id, nargs="?", metavar="TASK", help="task id")
+        p.add_argument(
+            "--status",
+            choices=["dead"],
+            default="dead",
+            help="without TASK: requeue jobs in this state across tasks (dead)",
+        )
+        p.add_argument(
+            "--since",
+            metavar="AGE|TIME",
+            help="without TASK: the jobs that died since then, e.g. 1h, 30m or an ISO time",
+        )
         p.add_argument("--json", action="store_true", help=json_help)
     elif name == "tasks":
         p.add_argument(

@@ -102,7 +102,12 @@ class Arbiter:
         if given_back:
             log.info("gave back %d jobs held by a previous run of node %s", given_back, self.node)
         await queue.register_node(
-            self.node, socket.gethostname(), os.getpid(), self.target, self.node_info()
+            self.node,
+            socket.gethostname(),
+            os.getpid(),
+            self.target,
+            self.node_info(),
+            kinds=self.settings.kinds,
         )
         self.workers.watch_zygote()
         self.life.install(loop)

@@ -9,7 +9,7 @@ over time: since each node started for one look, between refreshes with
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -23,6 +23,8 @@ from genworker.queue.db import translated
 
 STATES = ("queued", "scheduled", "running")
 API_ERRORS = ("api_4xx", "api_429", "api_5xx", "api_timeout", "api_conn")
+USAGE_WINDOW = timedelta(hours=24)  # token usage of the tasks submitted this recently
+USAGE_TENANTS = 50  # the biggest users shown; the document stays small however many tenants
 
 
 def status_document(
@@ -36,6 +38,10 @@ def status_document(
         depth = conn.execute(sql.query("queue_depth")).fetchall()
         tasks = conn.execute(sql.query("task_counts")).fetchall()
         nodes = conn.execute(sql.query("list_nodes")).fetchall()
+        usage = conn.execute(
+            sql.query("tenant_usage"),
+            {"since": datetime.now(UTC) - USAGE_WINDOW, "limit": USAGE_TENANTS},
+        ).fetchall()
     by_plan: dict[str, dict[str, int]] = {}
     for plan, state, n in depth:
         by_plan.setdefault(plan, dict.fromkeys(STATES, 0))[state] = n
@@ -45,6 +51,9 @@ def status_document(
         "in_flight": sum(v["running"] for v in by_plan.values()),
         "tasks": {status: n for status, n in tasks},
         "nodes": [_node(r) for r in nodes],
+        "tenants": {
+            tenant: {"input_tokens": int(i), "output_tokens": int(o)} for tenant, i, o in usage
+        },
     }
     doc.update(_rates(doc, previous))
     doc["alarms"] = [
@@ -141,6 +150,8 @@ def status_view(doc: dict[str, Any]) -> RenderableType:
         parts.append(
             Text("no live node: jobs wait until you run `genworker start`", style="yellow")
         )
+    if doc.get("tenants"):
+        parts.append(_usage_line(doc["tenants"]))
     for a in doc["alarms"]:
         parts.append(Text(f"ALARM {a['name']} on {a['node']}: {a['detail']}", style="bold red"))
     return Group(*parts)
@@ -156,6 +167,15 @@ def _queue_table(doc: dict[str, Any]) -> Table:
     if not doc["queue"]:
         queue.add_row("(empty)", "0", "0", "0")
     return queue
+
+
+def _usage_line(tenants: dict[str, dict[str, int]], shown: int = 5) -> Text:
+    top = list(tenants.items())[:shown]
+    more = f", {len(tenants) - shown} more (see --json)" if len(tenants) > shown else ""
+    users = ", ".join(
+        f"{tenant} {u['input_tokens']} in / {u['output_tokens']} out" for tenant, u in top
+    )
+    return Text(f"tokens (tasks of the last 24 h): {users}{more}\n")
 
 
 def _summary_line(doc: dict[str, Any]) -> Text:

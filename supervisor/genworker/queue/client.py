@@ -21,7 +21,7 @@ import psycopg
 from genworker.errors import GenworkerError, TaskNotFound
 from genworker.model import TaskId, TaskStatus
 from genworker.queue import sql
-from genworker.queue.db import translated
+from genworker.queue.db import default_dsn, translated
 from genworker.queue.tasks import (
     FINISHED,
     JobInfo,
@@ -49,7 +49,9 @@ __all__ = [
 
 
 class Client:
-    """Synchronous client. `Client(dsn)`, `Client(conn=...)` or `Client(pool=...)`."""
+    """Synchronous client. `Client(dsn)`, `Client(conn=...)` or `Client(pool=...)`;
+    `Client()` connects where `genworker` commands do: DATABASE_URL, else the embedded
+    server (brought up to date, like the commands do)."""
 
     def __init__(
         self,
@@ -58,8 +60,8 @@ class Client:
         conn: psycopg.Connection | None = None,
         pool: Any = None,
     ) -> None:
-        if sum(x is not None for x in (dsn, conn, pool)) != 1:
-            raise GenworkerError("Client needs exactly one of dsn, conn or pool")
+        if sum(x is not None for x in (dsn, conn, pool)) > 1:
+            raise GenworkerError("Client takes one of dsn, conn or pool (none: DATABASE_URL)")
         self._dsn, self._given, self._pool = dsn, conn, pool
         self._own: psycopg.Connection | None = None
 
@@ -73,10 +75,14 @@ class Client:
                     yield c
             else:
                 if self._own is None or self._own.closed:
-                    assert self._dsn is not None  # __init__ takes exactly one source
+                    embedded = False
+                    if self._dsn is None:
+                        self._dsn, embedded = default_dsn()
                     self._own = psycopg.connect(
                         self._dsn, autocommit=True, application_name="genworker"
                     )
+                    if embedded:
+                        _migrate_embedded(self._own)
                 yield self._own
 
     def _one(self, name: str, params: dict[str, Any]) -> Any:
@@ -143,6 +149,23 @@ class Client:
         self.close()
 
 
+def _migrate_embedded(conn: psycopg.Connection) -> None:
+    """The embedded server is genworker's own: bring its schema up to date, as the
+    `genworker` commands do (plans stay what `migrate`/`start` last wrote)."""
+    from genworker.queue import schema
+
+    schema.migrate(conn)
+
+
+def _default_dsn_migrated() -> str:
+    """`default_dsn`, the embedded server's schema brought up to date."""
+    dsn, embedded = default_dsn()
+    if embedded:
+        with psycopg.connect(dsn, autocommit=True, application_name="genworker") as conn:
+            _migrate_embedded(conn)
+    return dsn
+
+
 class AsyncClient:
     """Asynchronous client, the same calls as `Client`, awaited."""
 
@@ -153,8 +176,8 @@ class AsyncClient:
         conn: psycopg.AsyncConnection | None = None,
         pool: Any = None,
     ) -> None:
-        if sum(x is not None for x in (dsn, conn, pool)) != 1:
-            raise GenworkerError("AsyncClient needs exactly one of dsn, conn or pool")
+        if sum(x is not None for x in (dsn, conn, pool)) > 1:
+            raise GenworkerError("AsyncClient takes one of dsn, conn or pool (none: DATABASE_URL)")
         self._dsn, self._given, self._pool = dsn, conn, pool
         self._own: psycopg.AsyncConnection | None = None
 
@@ -168,7 +191,9 @@ class AsyncClient:
                     yield c
             else:
                 if self._own is None or self._own.closed:
-                    assert self._dsn is not None  # __init__ takes exactly one source
+                    if self._dsn is None:
+                        # may start the embedded server: not on the event loop's thread
+                        self._dsn = await asyncio.to_thread(_default_dsn_migrated)
                     self._own = await psycopg.AsyncConnection.connect(
                         self._dsn, autocommit=True, application_name="genworker"
                     )

@@ -39,6 +39,16 @@ def resolve_dsn(settings: Settings) -> str:
     return ensure_embedded(settings.resolved_data_dir)
 
 
+def default_dsn() -> tuple[str, bool]:
+    """What `Client()` with no argument connects to, and whether it is the embedded server:
+    DATABASE_URL (or the config file's database_url), else the embedded server in the data
+    directory (GENWORKER_DATA_DIR, default $XDG_DATA_HOME/genworker), started on demand."""
+    from genworker.config import build
+
+    settings, _ = build()
+    return resolve_dsn(settings), settings.database_url is None
+
+
 def _scrub(text: str, dsn: str | None) -> str:
     text = text.strip().splitlines()[0] if text.strip() else text
     if dsn:

@@ -167,3 +167,17 @@ def ensure_embedded(data_dir: Path) -> str:
     _dsn_by_dir[pgdata] = dsn
     log.debug("embedded PostgreSQL at %s", pgdata)
     return dsn
+
+
+def described(data_dir: Path) -> str:
+    """Where the embedded server of `data_dir` answers, without starting it: its socket
+    DSN while it runs (from postmaster.pid), else where it would run."""
+    pgdata = data_dir / "pg"
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid, socket_dir = int(lines[0]), lines[4].strip()
+    except (OSError, ValueError, IndexError):
+        return f"embedded server in {pgdata} (not running)"
+    if not pid_alive(pid) or not socket_dir:
+        return f"embedded server in {pgdata} (not running)"
+    return f"postgresql://postgres@/postgres?host={socket_dir} (embedded server in {pgdata})"
