@@ -70,6 +70,11 @@ class Outcome(NamedTuple):
     delay_s: float | None = None
 
 
+# Outcome.alarm of a call that never reached the provider (refused, DNS, TLS, connect
+# timeout): not the job's fault, so it spends no attempt; a run of them is an outage
+# (node/outage.py).
+PROVIDER_UNREACHABLE = "provider_unreachable"
+
 # Which part of a call failed, for the worker's counters: the provider's HTTP answer, no
 # answer in time, the connection, a 2xx answer we could not use, or storing the result.
 Cause = Literal["http", "timeout", "connection", "answer", "storage"]

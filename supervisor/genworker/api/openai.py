@@ -24,7 +24,14 @@ from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import MAX_FILE_BYTES, sniff_mime
 from genworker.api.spool import Spool, store_patiently
 from genworker.config import ConfigError, Settings
-from genworker.model import Job, JobError, OutcomeKind, PermanentError, TransientError
+from genworker.model import (
+    PROVIDER_UNREACHABLE,
+    Job,
+    JobError,
+    OutcomeKind,
+    PermanentError,
+    TransientError,
+)
 
 MAX_BODY_BYTES = MAX_FILE_BYTES  # a b64 answer larger than this is refused, not buffered
 MAX_ERROR_BODY_BYTES = 64 * 1024  # an error body only needs its message
@@ -129,6 +136,12 @@ class ImageHandler:
                         cause="answer",
                     )
                 raw = await read_capped(resp, MAX_BODY_BYTES)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            # refused, DNS, TLS, no connection in time: the request never reached the provider
+            detail = scrub(f"{type(e).__name__} {e}", self.key)
+            raise TransientError(
+                f"connection error: {detail}", cause="connection", alarm=PROVIDER_UNREACHABLE
+            ) from None
         except TimeoutError:
             raise ApiTimeout(f"no answer within {self.settings.request_timeout_s:g}s") from None
         except aiohttp.InvalidURL:

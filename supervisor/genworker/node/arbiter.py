@@ -47,6 +47,7 @@ class Hooks(LifecycleHooks, Protocol):
     async def starting(self, node: NodeView) -> None: ...
     async def started(self, node: NodeView) -> None: ...
     def alarm(self, name: str, detail: str) -> None: ...
+    def clear_alarm(self, name: str) -> None: ...
     def active_alarms(self) -> dict[str, str]: ...
 
 
@@ -84,7 +85,12 @@ class Arbiter:
         loop = asyncio.get_running_loop()
         self.exit_code = loop.create_future()
         self.feeder = Feeder(
-            self.settings, self.dsn, self.node, self.live_handles, self.raise_alarm
+            self.settings,
+            self.dsn,
+            self.node,
+            self.live_handles,
+            self.raise_alarm,
+            self.clear_alarm,
         )
         self.restarts = Restarts(self.workers, self.feeder, self.tasks, self.finish)
         if self.hooks is not None:
@@ -264,6 +270,13 @@ class Arbiter:
         if name not in self.alarms:
             log.error("API says %s (%s): pausing claims", name.replace("_", " "), detail[:200])
         self.alarms[name] = detail[:200]
+
+    def clear_alarm(self, name: str) -> None:
+        """The condition is over (the provider answers again)."""
+        if self.hooks is not None:
+            self.hooks.clear_alarm(name)
+        elif self.alarms.pop(name, None) is not None:
+            log.info("%s is over", name.replace("_", " "))
 
     def active_alarms(self) -> dict[str, str]:
         return self.hooks.active_alarms() if self.hooks is not None else dict(self.alarms)

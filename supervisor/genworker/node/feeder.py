@@ -20,6 +20,8 @@ from genworker.node.dbhealth import DB_ERRORS, DbHealth, make_pool
 from genworker.node.dedupe import CacheGate
 from genworker.node.dispatch import ClaimPause, Dispatcher
 from genworker.node.holdings import Done, Holder, Holdings
+from genworker.node.outage import ALARM as OUTAGE
+from genworker.node.outage import UNREACHABLE, ProviderWatch
 from genworker.node.stats import FeederStats
 from genworker.node.writer import OutcomeWriter
 from genworker.queue.cache import open_cache
@@ -64,11 +66,15 @@ class Feeder:
         node: str,
         holders: Callable[[], Iterable[Holder]],
         on_alarm: Callable[[str, str], None],
+        on_clear: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
         self.holders = holders
         self.on_alarm = on_alarm
+        self.on_clear = on_clear  # a node-level alarm is over (the provider answers again)
+        self.provider = ProviderWatch()
+        self.give_back_buffer = False  # an outage began: the claim loop gives the buffer back
         self.pool = make_pool(settings, dsn, node)
         self.queue = Queue(self.pool, snooze_max_s=settings.snooze_max_s)
         self.db = DbHealth(self.pool, settings)
@@ -187,6 +193,9 @@ class Feeder:
             while self.claiming:
                 await self.wake.wait()
                 self.wake.clear()
+                if self.give_back_buffer:
+                    self.give_back_buffer = False
+                    await self.release_buffer()  # no attempt spent: another node may run them
                 n = self._claim_size()
                 if n <= 0 or not self.claiming:
                     continue
@@ -274,10 +283,14 @@ class Feeder:
             job = holder.jobs.pop(o.job_id, None)
             if job is None:
                 continue  # already given back (the worker was declared dead)
-            if o.alarm:
+            if o.alarm == UNREACHABLE:
+                o = self._unreachable(o, job)
+            elif o.alarm:
                 self.on_alarm(o.alarm, o.error or o.alarm)
             if o.kind is OutcomeKind.OK:
                 self.pause.passed()
+                if self.provider.succeeded(job.kind) and self.on_clear is not None:
+                    self.on_clear(OUTAGE)
             done.append((o, job.attempt))
             if gate is not None:
                 shared, back = gate.settle(job, o)
@@ -286,6 +299,19 @@ class Feeder:
         self.rate.add(len(outcomes))
         self.writer.add(done)
         self.dispatch()
+
+    def _unreachable(self, o: Outcome, job: Job) -> Outcome:
+        """A call that never reached the provider: the job snoozes (no attempt spent), and
+        enough of them in a row are an outage (claims pause, the buffer goes back, then
+        one job at a time probes the provider)."""
+        if self.provider.unreachable(job.kind):
+            calls = self.provider.failures
+            self.on_alarm(OUTAGE, f"{calls} calls in a row did not reach it: {o.error}")
+            self.give_back_buffer = True
+            self.wake.set()
+        if self.provider.down and not self.pause.active():
+            self.pause.start(self.provider.next_pause_s())
+        return o._replace(kind=OutcomeKind.SNOOZE, alarm=None)
 
     # -------------------------------------------------------------- release
     async def release(self, held: Sequence[Job], reason: str | None) -> int:

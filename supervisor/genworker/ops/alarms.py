@@ -129,7 +129,9 @@ def default_alarms(limits: AlarmLimits | None = None, **overrides: float) -> lis
     - db_wait: the longest DB pool wait in the last `db_window_s` (`SlidingWindow.max`);
     - worker_restarts: worker crashes in the last `window_s` (`SlidingWindow.sum`);
     - bad_api_key, insufficient_quota: 1 when an API answer says so, 0 on the next
-      success; cleared too after `bad_api_key_clear_s` without a new occurrence.
+      success; cleared too after `bad_api_key_clear_s` without a new occurrence;
+    - provider_down: raised by the node when its calls stop reaching the provider
+      (node/outage.py), cleared when one gets through.
     """
     lim = limits if limits is not None else AlarmLimits()
     if overrides:
@@ -149,6 +151,8 @@ def default_alarms(limits: AlarmLimits | None = None, **overrides: float) -> lis
         Alarm("insufficient_quota", "API quota", 0.5, 0.5, expire_s=lim.bad_api_key_clear_s,
               raise_text="the API says the quota is spent (insufficient_quota)",
               clear_text="an API call succeeded"),
+        Alarm("provider_down", "provider", 0.5, 0.5, raise_text="calls do not reach the provider",
+              clear_text="a call got through"),
     ]  # fmt: skip
 
 

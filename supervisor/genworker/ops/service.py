@@ -5,7 +5,9 @@
   starting(arbiter)      before the database is opened: bind --http (a port in use
                          ends the start with one line and a non-zero exit)
   started(arbiter)       its loops run: start the tick, the database figures, STATUS/WATCHDOG
-  alarm(name, detail)    a worker's outcome says the key is bad or the quota spent
+  alarm(name, detail)    a worker's outcome says the key is bad or the quota spent, or
+                         the node's calls stopped reaching the provider
+  clear_alarm(name)      ... and the provider answers again
   reloading(), reloaded()  around the rolling restart of a HUP
   stopping(arbiter), draining(seconds_left), stopped()  shutdown
 
@@ -148,6 +150,10 @@ class Ops:
             return
         why = self.redactor(" ".join(detail.split())[:200])
         self.alarms.update(name, 1.0, time.monotonic(), detail=f"{why} (claims paused)")
+
+    def clear_alarm(self, name: str) -> None:
+        """A node-level condition is over (the provider answers again)."""
+        self.alarms.update(name, 0.0, time.monotonic())
 
     def reloading(self) -> None:
         with contextlib.suppress(ConfigError):  # a new key file: hide the new key too
