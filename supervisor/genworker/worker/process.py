@@ -27,16 +27,12 @@ from genworker import channels as ch
 from genworker.api.errors import scrub
 from genworker.buffer import UrgencyBuffer
 from genworker.config import Settings
+from genworker.exits import EXIT_BOOT, EXIT_OK, EXIT_ORPHAN, EXIT_RECYCLE
+from genworker.exits import EXIT_FAILED as EXIT_CRASH
 from genworker.logs import Redactor, node_secrets
 from genworker.model import Job, JobError, Outcome, OutcomeKind
 
 log = logging.getLogger("genworker.worker")
-
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_BOOT = 3  # could not start (bad handler, bad config): do not restart, stop the node
-EXIT_RECYCLE = 4  # asked to make way for a fresh worker: not a crash
-EXIT_ORPHAN = 5  # the supervisor went away
 
 HEARTBEAT_S = 0.25
 TITLE_EVERY_S = 1.0
