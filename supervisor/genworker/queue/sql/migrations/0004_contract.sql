@@ -209,13 +209,14 @@ BEGIN
     IF p_params IS NULL OR jsonb_typeof(p_params) <> 'object' THEN
         RAISE EXCEPTION 'invalid params: expected a JSON object' USING ERRCODE = 'GW006';
     END IF;
+    IF p_kind = 'image' THEN
+        PERFORM genworker.check_image(v_plan.name, v_plan.models, p_params);
+    END IF;
+    -- after the image checks: an over-long prompt is told as such, not as too many bytes
     v_limit := genworker.setting_int('max_params_bytes', 16384);
     IF octet_length(p_params::text) > v_limit THEN
         RAISE EXCEPTION 'invalid params: % bytes of JSON, the limit is %', octet_length(p_params::text), v_limit
             USING ERRCODE = 'GW006';
-    END IF;
-    IF p_kind = 'image' THEN
-        PERFORM genworker.check_image(v_plan.name, v_plan.models, p_params);
     END IF;
     v_n := coalesce(p_n, v_plan.images);
     IF v_n < 1 OR v_n > v_plan.images THEN
