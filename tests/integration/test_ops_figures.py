@@ -53,6 +53,6 @@ def test_queue_figures_and_finished_tasks_counted_once(
     refresh(dsn, figures)
     refresh(dsn, figures)  # read again: the overlap must not count anything twice
     assert len(figures.finished) == n
-    assert {plan for plan, _ in figures.finished} == {"free"}
+    assert {(plan, status) for plan, status, _ in figures.finished} == {("free", "succeeded")}
     assert figures.tasks == {"queued": 1}
     assert figures.jobs == {("pro", "queued"): 3}

@@ -112,7 +112,10 @@ def test_counters_add_up_to_the_database_during_and_after_a_run(
     def written() -> dict[Sample, float] | None:
         m = scrape(address)
         done = v(m, "genworker_jobs_succeeded_total") + v(m, "genworker_jobs_dead_total")
-        tasks = m.get(("genworker_task_completion_seconds_count", frozenset({("plan", "start")})))
+        tasks = sum(  # succeeded or failed (a 400 kills a job): each task once
+            n for (name, labels), n in m.items()
+            if name == "genworker_task_completion_seconds_count" and ("plan", "start") in labels
+        )  # fmt: skip
         return m if done == n_jobs and tasks == 3 else None
 
     m = wait_for(written, "every outcome and task in /metrics", 20)
@@ -141,6 +144,12 @@ def test_counters_add_up_to_the_database_during_and_after_a_run(
     assert v(m, "genworker_api_call_seconds_bucket", le="0.025") < calls  # 150 ms +- 100
     assert v(m, "genworker_queue_tasks", state="queued") == 0
     assert total(m, "genworker_queue_jobs") == 0
+    # an empty queue is zeros for every plan and state, not a metric that vanished
+    for plan in ("free", "start", "pro"):
+        for state in ("queued", "scheduled", "running"):
+            assert (
+                m.get(("genworker_queue_jobs", frozenset({("plan", plan), ("state", state)}))) == 0
+            )
     assert v(m, "genworker_db_pool_wait_seconds_count") > 0
     assert total(m, "genworker_db_pool_connections") >= 1
     assert v(m, "genworker_leases_renewed_total") >= 0

@@ -137,6 +137,7 @@ def test_summary_states_and_returned_lines() -> None:
         "worker_restarts": False,
         "bad_api_key": False,
         "insufficient_quota": False,
+        "provider_down": False,
     }
 
 

@@ -179,7 +179,7 @@ def test_genworker_metrics_are_all_there_and_parse() -> None:
     m = GenworkerMetrics()
     m.queue_jobs.replace({("free", "runnable"): 12})
     m.jobs_succeeded.set_total(1000)
-    m.task_completion.labels("free").observe(21.0)
+    m.task_completion.labels("free", "failed").observe(21.0)
     m.api_responses.labels("2xx").set_total(990)
     m.worker_restarts.labels(reason="oom").inc()
     m.slot_limit.labels(3).set(4)
@@ -189,7 +189,9 @@ def test_genworker_metrics_are_all_there_and_parse() -> None:
     assert all(name.startswith("genworker_") for name in types)
     assert value(samples, "genworker_queue_jobs", plan="free", state="runnable") == 12
     assert value(samples, "genworker_jobs_succeeded_total") == 1000
-    assert value(samples, "genworker_task_completion_seconds_count", plan="free") == 1
+    assert (
+        value(samples, "genworker_task_completion_seconds_count", plan="free", status="failed") == 1
+    )
     assert value(samples, "genworker_worker_slots_limit", worker="3") == 4
 
 

@@ -284,15 +284,16 @@ def test_finished_tasks_are_counted_once_across_overlapping_reads() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     f = DbFigures(since=t0)
     rows = [
-        (1, "free", 3.0, t0 + timedelta(seconds=1)),
-        (2, "pro", 90.0, t0 + timedelta(seconds=2)),
+        (1, "free", 3.0, t0 + timedelta(seconds=1), "succeeded"),
+        (2, "pro", 90.0, t0 + timedelta(seconds=2), "failed"),
     ]
     f._take_finished(rows)
-    f._take_finished([*rows, (3, "free", 4.0, t0 + timedelta(seconds=3))])  # re-read overlap
-    assert f.finished == [("free", 3.0), ("pro", 90.0), ("free", 4.0)]
+    f._take_finished([*rows, (3, "free", 4.0, t0 + timedelta(seconds=3), "succeeded")])  # overlap
+    assert f.finished == [("free", "succeeded", 3.0), ("pro", "failed", 90.0),
+                          ("free", "succeeded", 4.0)]  # fmt: skip
     assert f.since == t0 + timedelta(seconds=3)
     late = t0 + timedelta(seconds=30)
-    f._take_finished([(4, "start", 5.0, late)])
+    f._take_finished([(4, "start", 5.0, late, "cancelled")])
     assert set(f.seen) == {4}  # older ones fell behind the overlap: forgotten
-    f._take_finished([(1, "free", 3.0, t0 + timedelta(seconds=1))])  # too old to matter
+    f._take_finished([(1, "free", 3.0, t0 + timedelta(seconds=1), "succeeded")])  # too old
     assert len(f.finished) == 4

@@ -107,9 +107,10 @@ class GenworkerMetrics:
         )
         self.task_completion = r.histogram(
             "genworker_task_completion_seconds",
-            "Time from submit to the last job of a task finishing, by plan (cluster-wide: "
-            "every task finished since this node started).",
-            ("plan",),
+            "Time from submit to the last job of a task finishing, by plan and how it ended "
+            "(succeeded, failed, cancelled; cluster-wide: every task finished since this node "
+            "started).",
+            ("plan", "status"),
             buckets=TASK_BUCKETS_S,
         )
 

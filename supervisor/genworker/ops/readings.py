@@ -123,7 +123,8 @@ class DbFigures:
     at: float | None = None
     since: datetime | None = None  # finished-task watermark
     seen: dict[int, datetime] = field(default_factory=dict)  # finished tasks near the watermark
-    finished: list[tuple[str, float]] = field(default_factory=list)  # (plan, seconds), unread
+    # (plan, status, seconds) of finished tasks, unread
+    finished: list[tuple[str, str, float]] = field(default_factory=list)
 
     @property
     def queued_tasks(self) -> int:
@@ -154,15 +155,15 @@ class DbFigures:
         self.oldest_runnable_s = max(0.0, float(row[0])) if row and row[0] is not None else 0.0
         self.at = time.monotonic()
 
-    def _take_finished(self, rows: Iterable[tuple[int, str, float, datetime]]) -> None:
+    def _take_finished(self, rows: Iterable[tuple[int, str, float, datetime, str]]) -> None:
         assert self.since is not None
-        for task_id, plan, took_s, finished_at in rows:
+        for task_id, plan, took_s, finished_at, status in rows:
             if task_id in self.seen or finished_at <= self.since - timedelta(
                 seconds=FINISHED_OVERLAP_S
             ):
                 continue
             self.seen[task_id] = finished_at
-            self.finished.append((plan, float(took_s)))
+            self.finished.append((plan, status, float(took_s)))
             self.since = max(self.since, finished_at)
         horizon = self.since - timedelta(seconds=FINISHED_OVERLAP_S)
         self.seen = {i: t for i, t in self.seen.items() if t > horizon}
@@ -285,14 +286,22 @@ def collect_node(m: GenworkerMetrics, node: Node, feeder: Feeding) -> None:
     m.nodes.set(feeder.live_nodes)
 
 
-def collect_figures(m: GenworkerMetrics, figures: DbFigures) -> None:
-    m.queue_jobs.replace({key: n for key, n in figures.jobs.items()})
+QUEUE_STATES = ("queued", "scheduled", "running")  # what queue_depth counts
+
+
+def collect_figures(m: GenworkerMetrics, figures: DbFigures, plans: Iterable[str] = ()) -> None:
+    # every plan x state, zeros included, once read: an empty queue is 0, not a gap
+    depth: dict[tuple[object, ...], float] = {}
+    if figures.at is not None:
+        depth.update(((plan, state), 0) for plan in plans for state in QUEUE_STATES)
+    depth.update({key: n for key, n in figures.jobs.items()})
+    m.queue_jobs.replace(depth)
     m.queue_tasks.replace(
         {(state,): figures.tasks.get(state, 0) for state in ("queued", "running")}
     )
     m.oldest_runnable_age.set(figures.oldest_runnable_s)
-    for plan, took_s in figures.finished:
-        m.task_completion.labels(plan).observe(took_s)
+    for plan, status, took_s in figures.finished:
+        m.task_completion.labels(plan, status).observe(took_s)
     figures.finished.clear()
 
 

@@ -309,7 +309,7 @@ class Ops:
         m, a = self.metrics, self.arbiter
         if a is not None:
             collect_node(m, a, a.feeder)
-        collect_figures(m, self.figures)
+        collect_figures(m, self.figures, (p.name for p in self.settings.plans))
         collect_pool(m, self.pool_waits)
         m.ready.set(int(self.readiness()[0]))
         m.alarm_active.replace({(name,): int(on) for name, on in self.alarms.states().items()})

@@ -18,10 +18,11 @@ SELECT extract(epoch FROM now() - least(
 SELECT now() AS now
 
 -- finished_tasks --
--- Tasks finished after a point in time and not seen yet, oldest first (the completion-time
--- histogram).
-SELECT id, plan, extract(epoch FROM finished_at - created_at)::float8 AS took_s, finished_at
+-- Tasks finished after a point in time and not seen yet, oldest first, with how they ended
+-- (the completion-time histogram).
+SELECT id, plan, extract(epoch FROM finished_at - created_at)::float8 AS took_s, finished_at,
+       status
   FROM genworker.tasks
- WHERE finished_at > %(since)s AND status IN ('succeeded', 'failed')
+ WHERE finished_at > %(since)s AND status IN ('succeeded', 'failed', 'cancelled')
    AND NOT (id = ANY (%(seen)s::bigint[]))
  ORDER BY finished_at, id LIMIT %(limit)s
