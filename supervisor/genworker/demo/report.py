@@ -174,9 +174,22 @@ def plan_table(doc: dict[str, Any]) -> Table:
             continue
         table.add_row("      old design", str(theirs["tasks"]), *_dist_cells(theirs))
         r = ratio["plans"].get(plan, {})
-        cells = [_times(r.get(f"{w}_{q}")) for w in TIMES for q in ("p50", "p95", "max")]
-        table.add_row("      [green]better by[/]", "", *cells, end_section=True)
+        xs = [r.get(f"{w}_{q}") for w in TIMES for q in ("p50", "p95", "max")]
+        better = [_times(x) if x is None or x >= 1 else "" for x in xs]
+        slower = [_slower(x) if x is not None and x < 1 else "" for x in xs]
+        if any(slower):  # two short rows: the table stays narrow enough for 80 columns
+            table.add_row("      [green]better by[/]", "", *better)
+            table.add_row("      [red]slower by[/]", "", *slower, end_section=True)
+        else:
+            table.add_row("      [green]better by[/]", "", *better, end_section=True)
     return table
+
+
+def _slower(x: float) -> str:
+    """How many times slower we are, for a ratio old/ours under 1."""
+    if x <= 0:
+        return "[red]-[/]"  # the old design took no time at all (a wait of 0 s)
+    return f"[red]{_times(1 / x)}[/]"
 
 
 def _dist_cells(fig: dict[str, Any]) -> list[str]:
