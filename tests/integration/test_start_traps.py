@@ -45,19 +45,16 @@ def clean_env(dsn: str, **extra: str) -> dict[str, str]:
     return {**env, "DATABASE_URL": dsn, **extra}
 
 
-def test_start_without_a_provider_or_with_two_refuses_in_one_line(
-    dsn: str, tmp_path: Path
-) -> None:
+def test_start_without_a_provider_or_with_two_refuses_in_one_line(dsn: str, tmp_path: Path) -> None:
     done = start("--output-dir", str(tmp_path / "out"), env=clean_env(dsn), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "--api-url" in lines[0] and "--simulate" in lines[0], lines[0]
+    assert "--api-url" in lines[0], lines[0]
+    assert "--simulate" in lines[0], lines[0]
     assert "simulated image API at" not in done.stdout + done.stderr  # nothing was launched
 
-    both = start(
-        "--simulate", "--api-url", "http://127.0.0.1:9", env=clean_env(dsn), cwd=tmp_path
-    )
+    both = start("--simulate", "--api-url", "http://127.0.0.1:9", env=clean_env(dsn), cwd=tmp_path)
     assert both.returncode == 2, both.stderr
     assert both.stderr.strip().splitlines() == [
         "genworker: error: give --api-url or --simulate, not both"
@@ -101,7 +98,8 @@ def test_children_import_nothing_from_the_start_directory_and_inherit_no_secret(
     # the simulator runs in a session of its own: it is the supervisor's other child
     zygote = node.zygote()
     sims = [p.pid for p in processes().values() if p.ppid == node.pid and p.pid != zygote]
-    assert len(sims) == 1 and zygote is not None, sims
+    assert zygote is not None
+    assert len(sims) == 1, sims
     for pid in [*node.workers().values(), zygote, *sims]:  # what /proc shows of each
         environ = environ_of(pid)
         assert not secret_names & set(environ), (pid, secret_names & set(environ))
@@ -124,15 +122,18 @@ def test_a_second_start_is_refused_before_it_launches_anything(
     first.wait_workers(1)
     log = first.log()
     assert f"results go to {first.output_dir.resolve()}" in log, log
-    assert "database: " in log and "unauthenticated" not in log, log
+    assert "database: " in log, log
+    assert "unauthenticated" not in log, log
 
     env = clean_env(dsn)
     out = ["--output-dir", str(tmp_path / "out2"), "--workers", "1", "--simulate"]
     same_port = start(*out, "--node-id", "test-second", "--http", f"127.0.0.1:{port}",
                       env=env, cwd=tmp_path)  # fmt: skip
     assert same_port.returncode != 0
-    assert same_port.stderr.strip().splitlines()[-1].startswith(
-        f"genworker: error: cannot serve metrics on 127.0.0.1:{port}: port in use"
+    assert (
+        same_port.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"genworker: error: cannot serve metrics on 127.0.0.1:{port}: port in use")
     ), same_port.stderr
     assert "simulated image API at" not in same_port.stderr  # refused before it launched it
 
@@ -160,3 +161,22 @@ def test_start_refuses_an_output_dir_without_room_and_warns_of_a_missing_key(
     keyless = launch.node(nowhere, "test-keyless", workers=1)  # type: ignore[arg-type]
     keyless.wait_workers(1)
     assert keyless.log().count("WARNING genworker.start: no API key: calls go unauthenticated") == 1
+
+
+def test_status_shows_a_new_node_s_workers_as_soon_as_they_are_up(
+    launch: Launcher, conn: psycopg.Connection
+) -> None:
+    import time
+
+    from supervisor_harness import node_info, wait_for
+
+    node = launch.node(None, "test-prompt", workers=2, lease_s=30)  # a heartbeat every 10 s
+    node.wait_workers(2)
+    up_at = time.monotonic()
+
+    def published() -> bool:
+        workers = node_info(conn, "test-prompt").get("workers") or []
+        return len(workers) == 2 and all(w["state"] == "ready" for w in workers)
+
+    wait_for(published, "the nodes row to list both workers ready", 10)
+    assert time.monotonic() - up_at < 2.0

@@ -205,6 +205,7 @@ class Arbiter:
 
     def on_ready(self, h: WorkerHandle) -> None:
         self.feeder.slots_freed()
+        self.feeder.publish.set()  # status shows the worker now, not at the next heartbeat
 
     async def on_exit(self, h: WorkerHandle, status: int) -> None:
         await self.restarts.settle(h, status)

@@ -75,6 +75,7 @@ class Feeder:
         self.on_clear = on_clear  # a node-level alarm is over (the provider answers again)
         self.provider = ProviderWatch()
         self.give_back_buffer = False  # an outage began: the claim loop gives the buffer back
+        self.publish = asyncio.Event()  # the node's row is stale (a worker came up): heartbeat
         self.pool = make_pool(settings, dsn, node)
         self.queue = Queue(self.pool, snooze_max_s=settings.snooze_max_s)
         self.db = DbHealth(self.pool, settings)

@@ -37,6 +37,7 @@ async def lease_loop(
             await sleep_unless(stop, DB_PROBE_S)
             continue
         try:
+            f.publish.clear()  # what info() reads now is published below
             held = f.holdings.ids()
             f.stats.renewed += await f.queue.renew(f.node, f.settings.lease_s, held)
             workers = sum(1 for _ in f.holders())
@@ -46,7 +47,18 @@ async def lease_loop(
                 set_api_rate(rate_share(f.settings.api_rps, f.live_nodes))
         except DB_ERRORS as e:
             f.db.failed("lease renewal", e)
-        await sleep_unless(stop, every)
+        await _beat_due(stop, f.publish, every)
+
+
+async def _beat_due(stop: asyncio.Event, publish: asyncio.Event, every: float) -> None:
+    """Wait for the next heartbeat: `every`, or sooner when the published row went stale (a
+    worker came up: `status` shows a new node's workers at once, not one beat later)."""
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(publish.wait())]
+    try:
+        await asyncio.wait(waits, timeout=every, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def rate_share(api_rps: float | None, live_nodes: int) -> float | None:
