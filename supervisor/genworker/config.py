@@ -203,7 +203,8 @@ class Settings:
     )
     retention_s: float = _opt(
         7 * 86400.0,
-        "prune finished tasks older than this",
+        "finished tasks older than this are deleted with their jobs and result files: by "
+        "start, a batch every 5 minutes; by prune, all at once",
         lo=0,
         hi=CENTURY_S,
         cmds="start,prune,config",
