@@ -297,17 +297,17 @@ class Settings:
         return {p.name: p for p in self.plans}
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The job kinds this node's workers run: the built-ins, then each --handler's."""
+        extra = (parse_handler_entry(entry)[0] for entry in self.handlers)
+        return tuple(dict.fromkeys((*BUILTIN_KINDS, *extra)))
+
+    @property
     def resolved_data_dir(self) -> Path:
         if self.data_dir is not None:
             return self.data_dir
         base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
         return Path(base) / "genworker"
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """The job kinds this node's workers run: the built-ins, then each --handler's."""
-        extra = (parse_handler_entry(entry)[0] for entry in self.handlers)
-        return tuple(dict.fromkeys((*BUILTIN_KINDS, *extra)))
 
     @property
     def resolved_output_dir(self) -> Path:
