@@ -29,6 +29,11 @@ def test_queue_figures_and_finished_tasks_counted_once(
 
     client.submit("pro", "a backlog", n=3)
     n = FINISHED_BATCH + 200
+    # more tasks of one tenant in one call than the submit limits let through by default
+    conn.execute(
+        "UPDATE genworker.settings SET value = CASE key WHEN 'max_bulk_tasks' THEN '5000'::jsonb "
+        "ELSE '0'::jsonb END WHERE key IN ('max_bulk_tasks', 'max_queued_tasks_per_tenant')"
+    )
     client.submit_many([{"plan": "free", "params": {"prompt": f"t{i}"}, "n": 1} for i in range(n)])
     conn.execute(
         "UPDATE genworker.jobs SET run_after = now() - interval '42 seconds' "
