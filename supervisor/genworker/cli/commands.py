@@ -1,4 +1,4 @@
-"""The short sub-commands: submit, status, tasks, show, cancel, retry, migrate, prune, config."""
+"""The short sub-commands: status, tasks, show, cancel, retry, migrate, prune, config."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import psycopg
 from genworker.api.results import remove_results
 from genworker.cli.main import print_json
 from genworker.config import FIELDS, Settings, display_value, env_name, flag_name, mask_dsn
-from genworker.errors import GenworkerError, InvalidParams, InvalidPrompt, UsageError
+from genworker.errors import UsageError
 from genworker.model import TaskStatus
 from genworker.queue import schema, sql
 from genworker.queue.client import Client, TaskInfo
@@ -26,7 +26,7 @@ WATCH_S = 2.0
 LIVE_NODE_S = 120.0  # a node heard from within this long counts as running (heartbeats: lease/3)
 
 
-def _open(settings: Settings, *, migrated: bool = True) -> psycopg.Connection:
+def open_db(settings: Settings, *, migrated: bool = True) -> psycopg.Connection:
     dsn = resolve_dsn(settings)
     conn = connect(dsn, timeout_s=settings.db_pool_timeout_s)
     if migrated:
@@ -39,7 +39,7 @@ def _open(settings: Settings, *, migrated: bool = True) -> psycopg.Connection:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    with _open(settings, migrated=False) as conn:
+    with open_db(settings, migrated=False) as conn:
         applied = schema.migrate(conn, settings)
         version = schema.schema_version(conn)
     if applied:
@@ -49,130 +49,13 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    params = _params(args, settings)
-    with _open(settings) as conn:
-        client = Client(conn=conn)
-        task_id = client.submit(
-            args.plan,
-            args.prompt,
-            params=params,
-            tenant=args.tenant,
-            kind=args.kind,
-            idempotency_key=args.idempotency_key,
-            n=args.n,
-        )
-        _warn_if_no_node(conn, args.kind)
-        if not args.wait:
-            info = client.get(task_id)
-            if args.json:
-                print_json(info.to_dict())
-            else:
-                print(f"task {task_id}: {info.n_jobs} {info.kind} jobs queued (plan {info.plan})")
-            return 0
-        info = _wait(client, task_id, args.timeout, quiet=args.json)
-    if args.json:
-        print_json(info.to_dict())
-    else:
-        print(_one_line(info))
-    return 0 if info.status is TaskStatus.SUCCEEDED else 1
-
-
-def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if args.params:
-        try:
-            params = json.loads(args.params)
-        except ValueError as e:
-            raise InvalidParams(f"--params is not valid JSON: {e}") from None
-        if not isinstance(params, dict):
-            raise InvalidParams("--params must be a JSON object")
-    if args.prompt is None and args.kind == "image" and "prompt" not in params:
-        raise InvalidPrompt('--prompt is required for image jobs, e.g. --prompt "a lighthouse"')
-    if args.sources.get("size") == "flag":
-        params["size"] = settings.size
-    if args.sources.get("model") == "flag":
-        params["model"] = settings.model
-    return params
-
-
-def _warn_if_no_node(conn: psycopg.Connection, kind: str) -> None:
-    """A first-time user's most likely surprise: a task that waits for a node never started,
-    or for a node with a handler for its kind (nodes publish the kinds they run)."""
-    with translated():
-        row = conn.execute(
-            sql.query("kind_runners"), {"kind": kind, "max_age_s": LIVE_NODE_S}
-        ).fetchone()
-    runs, any_live = row if row else (False, False)
-    if not any_live:
-        sys.stderr.write(
-            "genworker: note: no node is running; the task waits until `genworker start` runs\n"
-        )
-    elif not runs:
-        sys.stderr.write(
-            f"genworker: note: no running node runs {terminal_safe(kind, 40)} jobs; the task "
-            f"waits until a node starts with --handler {terminal_safe(kind, 40)}=pkg.module:func\n"
-        )
-
-
-def _wait(client: Client, task_id: int, timeout: float | None, *, quiet: bool) -> TaskInfo:
-    try:
-        if quiet or not sys.stderr.isatty():
-            return client.wait(task_id, timeout_s=timeout)
-        return _wait_with_bar(client, task_id, timeout)
-    except TimeoutError:
-        raise GenworkerError(
-            f"task {task_id} not finished after {timeout:g}s; it keeps running "
-            f"(`genworker show {task_id}`)"
-        ) from None
-    except KeyboardInterrupt:
-        sys.stderr.write(f"genworker: task {task_id} keeps running (`genworker show {task_id}`)\n")
-        raise
-
-
-def _wait_with_bar(client: Client, task_id: int, timeout: float | None) -> TaskInfo:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        "ETA",
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        handle = bar.add_task(f"task {task_id}", total=None)
-
-        def show(info: TaskInfo) -> None:
-            what = "waiting for a worker" if info.status is TaskStatus.QUEUED else info.status
-            bar.update(
-                handle,
-                description=f"task {task_id} ({info.plan}, {what})",
-                total=info.n_jobs,
-                completed=info.n_jobs - info.remaining,
-            )
-
-        return client.wait(task_id, timeout_s=timeout, progress=show)
-
-
 def _seconds(later: datetime | None, earlier: datetime | None) -> str:
     if later is None or earlier is None:
         return "-"
     return f"{(later - earlier).total_seconds():.1f}s"
 
 
-def _one_line(info: TaskInfo) -> str:
+def task_line(info: TaskInfo) -> str:
     took = f" in {_seconds(info.finished_at, info.created_at)}" if info.finished_at else ""
     tail = f": {terminal_safe(info.error, 300)}" if info.error else ""
     return (
@@ -182,12 +65,12 @@ def _one_line(info: TaskInfo) -> str:
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    with _open(settings) as conn:
+    with open_db(settings) as conn:
         info = Client(conn=conn).get(args.task_id, jobs=True)
     if args.json:
         print_json(info.to_dict())
         return 0
-    print(_one_line(info))
+    print(task_line(info))
     key = f", key {terminal_safe(info.idempotency_key)}" if info.idempotency_key else ""
     print(f"  plan {info.plan}, tenant {info.tenant}, kind {info.kind}{key}")
     print(
@@ -215,7 +98,7 @@ def _result_line(result: dict[str, Any] | None) -> str:
 
 
 def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
-    with _open(settings) as conn:
+    with open_db(settings) as conn:
         rows = Client(conn=conn).tasks(status=args.status, tenant=args.tenant, limit=args.limit)
     if args.json:
         print_json({"tasks": [r.to_dict() for r in rows]})
@@ -236,7 +119,7 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     """Exit 0 when the task is now cancelled, 1 when it had already finished otherwise."""
-    with _open(settings) as conn:
+    with open_db(settings) as conn:
         status = Client(conn=conn).cancel(args.task_id)
     cancelled = status == TaskStatus.CANCELLED
     if args.json:
@@ -256,7 +139,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         )
     if args.task_id is None:
         return _retry_dead(args, settings)
-    with _open(settings) as conn:
+    with open_db(settings) as conn:
         n = Client(conn=conn).retry(args.task_id)
     print_json({"task": args.task_id, "requeued": n}) if args.json else print(
         f"task {args.task_id}: {n} dead jobs requeued"
@@ -269,7 +152,7 @@ RETRY_BATCH = 500  # dead jobs requeued per statement: short locks, however long
 
 def _retry_dead(args: argparse.Namespace, settings: Settings) -> int:
     total = 0
-    with _open(settings) as conn, translated():
+    with open_db(settings) as conn, translated():
         now = conn.execute(sql.query("db_now")).fetchone()
         before = now[0] if now else datetime.now(UTC)
         since = since_time(args.since, before)
@@ -311,7 +194,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     """Prune finished tasks past the retention, and their result files in this host's
     output directory (no other job naming them)."""
     total = removed = 0
-    with _open(settings) as conn, translated():
+    with open_db(settings) as conn, translated():
         while True:  # small batches, so a large backlog never holds long locks
             row = conn.execute(
                 sql.query("prune_with_files"),
@@ -332,7 +215,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from genworker.ops.status import status_document, status_view
 
-    with _open(settings) as conn:
+    with open_db(settings) as conn:
         if not args.watch:
             doc = status_document(conn)
             print_json(doc) if args.json else render(status_view(doc))

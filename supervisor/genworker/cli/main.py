@@ -33,7 +33,7 @@ Command = Callable[[argparse.Namespace, Settings], int]
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:function, one-line help)
     "start": ("genworker.cli.start:cmd_start", "run the supervisor and its workers"),
-    "submit": ("genworker.cli.commands:cmd_submit", "submit a task"),
+    "submit": ("genworker.cli.submit:cmd_submit", "submit a task"),
     "status": ("genworker.cli.commands:cmd_status", "queue depth, nodes and workers at a glance"),
     "tasks": ("genworker.cli.commands:cmd_tasks", "list recent tasks"),
     "show": ("genworker.cli.commands:cmd_show", "show one task and its jobs"),
