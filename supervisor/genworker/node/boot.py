@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -143,18 +144,10 @@ def _die_with(parent_pid: int) -> None:
         os._exit(EXIT_FAILED)
 
 
-def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int:
-    """Run one node until a signal ends it; `reread_settings` gives the settings anew on HUP."""
-    # Replace our argv in `ps` at once: it may hold --api-key or a DSN with a password, and
-    # the zygote, forked below, would carry a copy of it until it sets its own title.
-    setproctitle(f"genworker: supervisor node={settings.resolved_node_id} starting")
-    check_settings(settings)
-    redactor = setup_logging(settings)
-    swept = sweep_temp_files(settings.resolved_output_dir)
-    if swept:
-        log.info("removed %d half-written result files of workers that were killed", swept)
-    # What can refuse the start is asked before anything is launched: the --http port, the
-    # database, another supervisor under this node id.
+def _preflight(settings: Settings, redactor: Redactor) -> tuple[socket.socket | None, str]:
+    """What can refuse the start, asked before anything is launched: the --http port (bound
+    now, handed to aiohttp later), the database (migrated), another supervisor under this
+    node id. Returns the bound socket and the DSN."""
     http_socket = bind_http(settings.http)
     try:
         dsn = resolve_dsn(settings)
@@ -166,6 +159,20 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
         if http_socket is not None:
             http_socket.close()
         raise
+    return http_socket, dsn
+
+
+def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int:
+    """Run one node until a signal ends it; `reread_settings` gives the settings anew on HUP."""
+    # Replace our argv in `ps` at once: it may hold --api-key or a DSN with a password, and
+    # the zygote, forked below, would carry a copy of it until it sets its own title.
+    setproctitle(f"genworker: supervisor node={settings.resolved_node_id} starting")
+    check_settings(settings)
+    redactor = setup_logging(settings)
+    swept = sweep_temp_files(settings.resolved_output_dir)
+    if swept:
+        log.info("removed %d half-written result files of workers that were killed", swept)
+    http_socket, dsn = _preflight(settings, redactor)
     announce(settings, dsn)
     block = ch.SharedBlock(MAX_SLOTS)
     lock_fd, lock_path = tempfile.mkstemp(prefix="genworker-bucket-", suffix=".lock")
