@@ -96,7 +96,8 @@ class Settings:
     )
     data_dir: Path | None = _opt(
         None,
-        "private state: embedded PostgreSQL, default results (default $XDG_DATA_HOME/genworker)",
+        "private state: embedded PostgreSQL, default results (default "
+        "$XDG_DATA_HOME/genworker, or /var/lib/genworker for root)",
         cmds=_DB,
     )
     config_file: Path | None = _opt(
@@ -306,8 +307,11 @@ class Settings:
     def resolved_data_dir(self) -> Path:
         if self.data_dir is not None:
             return self.data_dir
-        base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-        return Path(base) / "genworker"
+        base = os.environ.get("XDG_DATA_HOME")
+        if not base and os.geteuid() == 0:
+            # root's home is closed to the system user the embedded server runs as
+            return Path("/var/lib/genworker")
+        return Path(base or os.path.join(Path.home(), ".local", "share")) / "genworker"
 
     @property
     def resolved_output_dir(self) -> Path:

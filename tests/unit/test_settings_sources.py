@@ -125,3 +125,19 @@ def test_a_key_file_or_config_file_others_can_read_is_warned_about_once(
         f"API key file {key} can be read by other users (-rw-r--r--): chmod 600 it",
     ]
     assert not any("sk-" in w for w in warned)
+
+
+def test_roots_default_data_dir_is_not_under_its_closed_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As root, the embedded server runs as a system user that cannot enter /root: the
+    default is /var/lib/genworker; anyone else keeps the XDG default."""
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert build({}, {})[0].resolved_data_dir == Path("/var/lib/genworker")
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    home = Path.home() / ".local" / "share" / "genworker"
+    assert build({}, {})[0].resolved_data_dir == home
+    monkeypatch.setenv("XDG_DATA_HOME", "/srv/xdg")
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert build({}, {})[0].resolved_data_dir == Path("/srv/xdg/genworker")
