@@ -98,7 +98,20 @@ def write_atomic(
     make_private_dir(out_dir)
     if final.is_file() and final.stat().st_size == len(data):
         return result  # same name, same content: already stored by an earlier attempt
-    tmp = out_dir / f".gw-tmp-{os.getpid()}-{secrets.token_hex(6)}"
+    write_file(final, data, stop=stop, chunk_bytes=chunk_bytes)
+    return result
+
+
+def write_file(
+    final: Path,
+    data: bytes,
+    *,
+    stop: threading.Event | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> None:
+    """Write `data` to `final` (0600) through a temp name in its directory, fsync, rename,
+    fsync the directory: the file appears whole or not at all (blocking)."""
+    tmp = final.parent / f".gw-tmp-{os.getpid()}-{secrets.token_hex(6)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         try:
@@ -116,8 +129,7 @@ def write_atomic(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_dir)
-    return result
+    _fsync_dir(final.parent)
 
 
 async def store_image(

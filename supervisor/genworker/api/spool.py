@@ -14,17 +14,15 @@ calls again; that is the price of the host's storage failing for that long.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import re
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from genworker.api.results import FILE_MODE, make_private_dir, store_image
+from genworker.api.results import make_private_dir, store_image, write_file
 
 log = logging.getLogger("genworker.worker")
 
@@ -71,22 +69,11 @@ class Spool:
         digest = hashlib.sha256(data).hexdigest()
         for d in self.dirs:
             final = d / f"{job_id}-{digest}.bin"
-            tmp = d / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
             try:
                 make_private_dir(d)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, final)
+                write_file(final, data)
                 return final
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    tmp.unlink(missing_ok=True)
                 log.warning("cannot spool an image in %s: %s", d, e.strerror)
         return None
 
