@@ -109,7 +109,17 @@ def test_concurrent_first_commands_start_one_server_without_corrupting_it(
 
 def test_the_server_stops_with_the_supervisor(embedded_env: dict[str, str], tmp_path: Path) -> None:
     start = Proc(
-        [*GENWORKER, "start", "--workers", "1", "--http", "", "--graceful-timeout", "5"],
+        [
+            *GENWORKER,
+            "start",
+            "--simulate",
+            "--workers",
+            "1",
+            "--http",
+            "",
+            "--graceful-timeout",
+            "5",
+        ],
         embedded_env,
         tmp_path / "start.log",
     )
