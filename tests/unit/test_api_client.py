@@ -380,3 +380,24 @@ def test_only_a_rate_limit_cuts_the_hosts_rate_and_both_snooze_the_job(
     err, _ = run_against_fake(answer(429, payload, **headers), scenario)
     assert err.outcome.value == "snooze"
     assert len(bucket.cuts) == cuts
+
+
+def test_usage_is_kept_as_counts_only() -> None:
+    from genworker.api.openai import usage_of
+
+    assert usage_of(
+        {
+            "usage": {
+                "input_tokens": 12,
+                "output_tokens": 4160,
+                "total_tokens": 4172,
+                "input_tokens_details": {"text_tokens": 12},
+            }
+        }
+    ) == {"usage": {"input_tokens": 12, "output_tokens": 4160}}
+    assert usage_of({}) == {}
+    assert usage_of({"usage": "lots"}) == {}
+    assert usage_of({"usage": {"input_tokens": -1, "output_tokens": True}}) == {}
+    assert usage_of({"usage": {"input_tokens": 2**40, "output_tokens": 7}}) == {
+        "usage": {"output_tokens": 7}
+    }

@@ -167,7 +167,12 @@ class ImageHandler:
     async def _result_of(
         self, raw: bytes, session: aiohttp.ClientSession, job: Job
     ) -> dict[str, Any]:
-        item = first_image(raw)
+        doc, item = first_image(raw)
+        return {**await self._image_of(item, session, job), **usage_of(doc)}
+
+    async def _image_of(
+        self, item: dict[str, Any], session: aiohttp.ClientSession, job: Job
+    ) -> dict[str, Any]:
         b64 = item.get("b64_json")
         if isinstance(b64, str) and b64:
             try:
@@ -206,8 +211,23 @@ def _slows_the_host(e: JobError) -> bool:
     return e.status == 429 or e.outcome is OutcomeKind.SNOOZE
 
 
-def first_image(raw: bytes) -> dict[str, Any]:
-    """data[0] of a generations answer; TransientError for anything malformed or empty."""
+def usage_of(doc: dict[str, Any]) -> dict[str, Any]:
+    """{"usage": {"input_tokens": N, "output_tokens": M}} from an answer that reports token
+    usage (gpt-image-1 does), or {} (only counts are kept; anything else is dropped)."""
+    usage = doc.get("usage")
+    if not isinstance(usage, dict):
+        return {}
+    kept = {
+        k: v
+        for k in ("input_tokens", "output_tokens")
+        if isinstance(v := usage.get(k), int) and not isinstance(v, bool) and 0 <= v < 2**31
+    }
+    return {"usage": kept} if kept else {}
+
+
+def first_image(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the answer, its data[0]) of a generations answer; TransientError for anything
+    malformed or empty."""
     if not raw:
         raise TransientError("provider answer is empty")
     try:
@@ -217,4 +237,4 @@ def first_image(raw: bytes) -> dict[str, Any]:
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list) or not data or not isinstance(data[0], dict):
         raise TransientError("provider answer has no image")
-    return data[0]
+    return doc, data[0]

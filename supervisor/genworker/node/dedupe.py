@@ -159,17 +159,17 @@ class CacheGate:
         waiting = self.followers.pop(k, [])
         if outcome.kind is not OutcomeKind.OK or outcome.result is None:
             return [], waiting
-        if is_cacheable(outcome.result):
-            self.to_store[k] = outcome.result
-            self.recent[k] = outcome.result
+        # the image is shared; the tokens were spent once, by the leader's call
+        image = {key: v for key, v in outcome.result.items() if key != "usage"}
+        if is_cacheable(image):
+            self.to_store[k] = image
+            self.recent[k] = image
             if len(self.recent) > RECENT:
                 self.recent.popitem(last=False)
         for f in waiting:
             self.keys.pop(f.job_id, None)
         shared = [
-            Outcome(
-                f.job_id, f.token, OutcomeKind.OK, {**outcome.result, "merged": True}, api_calls=0
-            )
+            Outcome(f.job_id, f.token, OutcomeKind.OK, {**image, "merged": True}, api_calls=0)
             for f in waiting
         ]
         return shared, []
