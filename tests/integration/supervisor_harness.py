@@ -185,7 +185,10 @@ class Node:
         self.log_path = workdir / f"{node_id}.log"
         self.output_dir = workdir / "out"
         cmd = [GENWORKER, "start", *(["--workers", str(workers)] if workers else [])]
-        cmd += ["--api-url", api_url] if api_url else ["--simulate"]  # none: its own sim
+        if api_url:
+            cmd += ["--api-url", api_url]
+        elif "--api-url" not in args:
+            cmd += ["--simulate"]  # no provider given at all: the node runs its own sim
         cmd += ["--node-id", node_id, "--lease", str(lease_s), "--http", ""]
         cmd += ["--output-dir", str(self.output_dir), *args]
         full_env = {
