@@ -178,6 +178,7 @@ FLAGS: list[tuple[str, list[str | bytes], int, str]] = [
         "--api-url must start with http",
     ),
     ("api rps: zero", ["start", "--api-rps", "0"], 2, "--api-rps: must be at least"),
+    ("fetch allow: not an address", ["start", "--fetch-allow", "10.0.0.0/99"], 2, "--fetch-allow"),
     (
         "http: port past 65535",
         ["start", "--http", "127.0.0.1:99999"],

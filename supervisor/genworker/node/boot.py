@@ -30,6 +30,7 @@ from genworker import channels as ch
 from genworker import logs
 from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import make_private_dir, sweep_temp_files
+from genworker.api.ssrf import AddressPolicy
 from genworker.config import Settings, mask_dsn
 from genworker.errors import GenworkerError, UsageError
 from genworker.exits import EXIT_FAILED
@@ -60,6 +61,7 @@ def check_settings(settings: Settings) -> None:
         raise UsageError(
             f"--api-url must start with http:// or https://, got {settings.api_url[:80]!r}"
         )
+    AddressPolicy(settings.fetch_allow)  # a bad entry now, not when every worker boots
     settings.resolved_api_key()  # a missing key file is an error now, not in every worker
     out = settings.resolved_output_dir
     try:
