@@ -123,6 +123,20 @@ def test_a_node_publishes_its_kinds(dsn: str, conn: psycopg.Connection) -> None:
     assert row == (False, True)
 
 
+def test_kinds_changed_by_a_reload_are_claimed_and_published(
+    dsn: str, conn: psycopg.Connection, client: Client
+) -> None:
+    resize = client.submit("free", None, kind="resize", params={"w": 10})
+    with sync_queue(dsn) as q:
+        q.register_node("node-a", "host", 1, 1, {}, kinds=["image", "noop"])
+        assert q.claim("node-a", 10, 30) == []  # no resize handler yet
+        q.queue.set_kinds(["image", "noop", "resize"])  # a HUP added --handler resize=...
+        q.heartbeat("node-a", 1, {})
+        row = conn.execute(sql.query("kind_runners"), {"kind": "resize", "max_age_s": 60})
+        assert row.fetchone() == (True, True)
+        assert {j.task_id for j in q.claim("node-a", 10, 30)} == {resize}
+
+
 # ------------------------------------------------------------------ requeue after an outage
 
 

@@ -124,6 +124,8 @@ class Feeder:
         self.writer.apply_settings(settings)
         self.dispatcher.apply_settings(settings)
         self.db.apply_settings(settings)
+        if self.queue.kinds is not None:  # registered: a new --handler is claimed, published
+            self.queue.set_kinds(settings.kinds)
 
     def stop_claiming(self) -> None:
         """No claim after this one: the claim loop ends once it wakes."""

@@ -203,11 +203,15 @@ class Queue:
                 },
             )
 
+    def set_kinds(self, kinds: Sequence[str]) -> None:
+        """The node runs these kinds now (a HUP changed --handler): the next claims take
+        them, and the next heartbeat publishes them."""
+        self.kinds = list(kinds)
+
     async def heartbeat(self, node: str, workers: int, info: dict[str, Any]) -> int:
         """Mark the node alive; returns how many nodes are alive (this one included)."""
-        rows = await self._rows(
-            "heartbeat_node", {"node": node, "workers": workers, "info": Jsonb(info)}
-        )
+        params = {"node": node, "workers": workers, "info": Jsonb(info), "kinds": self.kinds}
+        rows = await self._rows("heartbeat_node", params)
         return max(1, int(rows[0][0]))
 
     async def stop_node(self, node: str) -> None:

@@ -139,10 +139,11 @@ ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
     info = excluded.info, kinds = excluded.kinds
 
 -- heartbeat_node --
--- A node is alive; returns the live node count (for sharing cluster-wide limits).
+-- A node is alive, running these kinds (NULL: as registered); returns the live node count
+-- (for sharing cluster-wide limits).
 WITH h AS (
     UPDATE genworker.nodes SET heartbeat_at = now(), workers = %(workers)s, info = %(info)s,
-           status = 'alive'
+           status = 'alive', kinds = coalesce(%(kinds)s::text[], kinds)
      WHERE id = %(node)s
 )
 SELECT count(*) + CASE WHEN EXISTS (SELECT 1 FROM genworker.nodes WHERE id = %(node)s AND status = 'alive')
