@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,16 @@ def test_a_first_attempt_never_reads_the_spool(tmp_path: Path) -> None:
         return sim.stats()
 
     assert run(scenario)["total"] == 1
+
+
+def test_start_sweeps_spooled_images_kept_past_the_retention(tmp_path: Path) -> None:
+    kept = spool.Spool([tmp_path / "a", tmp_path / "b"])
+    old = kept.put(41, b"old image")
+    new = kept.put(42, b"new image")
+    assert old is not None
+    assert new is not None
+    week_ago = time.time() - 8 * 86400
+    os.utime(old, (week_ago, week_ago))
+    assert kept.sweep(7 * 86400) == 1
+    assert not old.exists()
+    assert kept.take(42) is not None

@@ -77,7 +77,7 @@ class ImageHandler:
         self.output_dir: Path = settings.resolved_output_dir
         self.bucket = bucket
         self.downloader = Downloader(settings) if settings.fetch_urls else None
-        self.spool = Spool([self.output_dir / ".spool", settings.resolved_data_dir / "spool"])
+        self.spool = Spool.of(settings)
 
     async def close(self) -> None:
         """Close what the handler opened itself (the download session)."""

@@ -18,11 +18,13 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from genworker.api.results import make_private_dir, store_image, write_file
+from genworker.config import Settings
 
 log = logging.getLogger("genworker.worker")
 
@@ -63,6 +65,29 @@ class Spool:
 
     def __init__(self, dirs: list[Path]) -> None:
         self.dirs = dirs
+
+    @classmethod
+    def of(cls, settings: Settings) -> Spool:
+        return cls([settings.resolved_output_dir / ".spool", settings.resolved_data_dir / "spool"])
+
+    def sweep(self, older_than_s: float) -> int:
+        """Delete what was kept longer than `older_than_s` (the retention: a job whose bytes
+        waited that long died or was pruned; its retry will never come); returns how many."""
+        horizon = time.time() - older_than_s
+        removed = 0
+        for d in self.dirs:
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < horizon:
+                        os.unlink(entry.path)
+                        removed += 1
+                except OSError:
+                    continue
+        return removed
 
     def put(self, job_id: int, data: bytes) -> Path | None:
         """Keep `data` for the job's next attempt; the path, or None when no directory took it."""

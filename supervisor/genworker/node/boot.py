@@ -30,6 +30,7 @@ from genworker import channels as ch
 from genworker import logs
 from genworker.api.limiter import SharedTokenBucket
 from genworker.api.results import make_private_dir, sweep_temp_files
+from genworker.api.spool import Spool
 from genworker.api.ssrf import AddressPolicy
 from genworker.config import Settings, mask_dsn
 from genworker.errors import GenworkerError, UsageError
@@ -174,6 +175,9 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
     swept = sweep_temp_files(settings.resolved_output_dir)
     if swept:
         log.info("removed %d half-written result files of workers that were killed", swept)
+    stale = Spool.of(settings).sweep(settings.retention_s)
+    if stale:
+        log.info("removed %d spooled images kept past --retention (their jobs are gone)", stale)
     http_socket, dsn = _preflight(settings, redactor)
     announce(settings, dsn)
     block = ch.SharedBlock(MAX_SLOTS)
