@@ -238,4 +238,5 @@ def test_our_client_is_never_refused(model: str, response_format: str, tmp_path:
     assert stats["refused"] == {}
     takes_url = model in MODELS and bool(MODELS[model].response_formats)
     by_url = response_format == "url" and takes_url
-    assert set(result) == ({"url"} if by_url else {"path", "bytes", "sha256", "mime"})
+    reported = {"usage"} if model in MODELS and MODELS[model].usage else set()
+    assert set(result) == ({"url"} if by_url else {"path", "bytes", "sha256", "mime"}) | reported
