@@ -2,7 +2,8 @@
 -- checked at submit; a tenant's reach is bounded (params size, models per plan, queued tasks,
 -- bulk size); an idempotency key reused for another task is a conflict; token usage is
 -- recorded per job and summed per task; nodes publish the job kinds they run and claim only
--- those; dead jobs can be requeued across tasks.
+-- those; dead jobs can be requeued across tasks; a task's finish is announced with a NOTIFY on
+-- genworker_task_finished (task_finished).
 -- compatible_with: 3
 --
 -- Compatibility with nodes one version older (3): every function of 0003 keeps working with
@@ -472,42 +473,64 @@ RETURNS integer LANGUAGE sql IMMUTABLE AS $$
                 THEN round(p_value::text::numeric)::integer END
 $$;
 
+-- Tell listeners a task finished: NOTIFY genworker_task_finished with {"task": id, "status":
+-- "succeeded|failed|cancelled", "tenant": "..."} (a tenant is at most 64 safe characters, so far
+-- below NOTIFY's 8000 bytes). Delivered at commit, to connections that LISTEN outside a
+-- transaction; Client.wait and `genworker submit --wait` wake on it and poll anyway.
+CREATE OR REPLACE FUNCTION genworker.task_finished(p_task_id bigint, p_status text, p_tenant text)
+RETURNS void LANGUAGE sql AS $$
+    SELECT pg_notify('genworker_task_finished',
+                     jsonb_build_object('task', p_task_id, 'status', p_status, 'tenant', p_tenant)::text)
+$$;
+
 -- As in 0001, and the finished jobs' token usage added to their tasks (version 4: the two
--- defaulted arrays; release_jobs, which finishes jobs without an answer, passes none).
+-- defaulted arrays; release_jobs, which finishes jobs without an answer, passes none). A task
+-- this call finishes is announced on genworker_task_finished (task_finished), in the same
+-- transaction: complete_jobs, release_jobs and reap all finish tasks through here.
 DROP FUNCTION IF EXISTS genworker.task_progress(bigint[], integer[], integer[], integer[]);
 CREATE OR REPLACE FUNCTION genworker.task_progress(p_task_ids bigint[], p_ok integer[], p_dead integer[],
                                         p_cancelled integer[], p_input_tokens bigint[] DEFAULT NULL,
                                         p_output_tokens bigint[] DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_n integer;
 BEGIN
     IF coalesce(cardinality(p_task_ids), 0) = 0 THEN
         RETURN;
     END IF;
     PERFORM 1 FROM genworker.tasks WHERE id = ANY (p_task_ids) ORDER BY id FOR UPDATE;
-    UPDATE genworker.tasks t
-       SET n_succeeded = t.n_succeeded + d.ok,
-           n_dead = t.n_dead + d.dead,
-           n_cancelled = t.n_cancelled + d.cancelled,
-           input_tokens = t.input_tokens + coalesce(d.input_tokens, 0),
-           output_tokens = t.output_tokens + coalesce(d.output_tokens, 0),
-           status = CASE
-               WHEN t.status = 'cancelled' THEN 'cancelled'
-               WHEN t.n_succeeded + d.ok + t.n_dead + d.dead + t.n_cancelled + d.cancelled < t.n_jobs
-                   THEN t.status
-               WHEN t.n_dead + d.dead > 0 THEN 'failed'
-               WHEN t.n_cancelled + d.cancelled > 0 THEN 'cancelled'
-               ELSE 'succeeded' END,
-           finished_at = CASE
-               WHEN t.n_succeeded + d.ok + t.n_dead + d.dead + t.n_cancelled + d.cancelled >= t.n_jobs
-                   THEN coalesce(t.finished_at, now())
-               ELSE t.finished_at END,
-           error = CASE WHEN t.error IS NULL AND t.n_dead + d.dead > 0
-                        THEN (SELECT j.error FROM genworker.jobs j
-                               WHERE j.task_id = t.id AND j.status = 'dead' LIMIT 1)
-                        ELSE t.error END
-      FROM unnest(p_task_ids, p_ok, p_dead, p_cancelled, p_input_tokens, p_output_tokens)
-           AS d(task_id, ok, dead, cancelled, input_tokens, output_tokens)
-     WHERE t.id = d.task_id;
+    WITH upd AS (
+        UPDATE genworker.tasks t
+           SET n_succeeded = t.n_succeeded + d.ok,
+               n_dead = t.n_dead + d.dead,
+               n_cancelled = t.n_cancelled + d.cancelled,
+               input_tokens = t.input_tokens + coalesce(d.input_tokens, 0),
+               output_tokens = t.output_tokens + coalesce(d.output_tokens, 0),
+               status = CASE
+                   WHEN t.status = 'cancelled' THEN 'cancelled'
+                   WHEN t.n_succeeded + d.ok + t.n_dead + d.dead + t.n_cancelled + d.cancelled < t.n_jobs
+                       THEN t.status
+                   WHEN t.n_dead + d.dead > 0 THEN 'failed'
+                   WHEN t.n_cancelled + d.cancelled > 0 THEN 'cancelled'
+                   ELSE 'succeeded' END,
+               finished_at = CASE
+                   WHEN t.n_succeeded + d.ok + t.n_dead + d.dead + t.n_cancelled + d.cancelled >= t.n_jobs
+                       THEN coalesce(t.finished_at, now())
+                   ELSE t.finished_at END,
+               error = CASE WHEN t.error IS NULL AND t.n_dead + d.dead > 0
+                            THEN (SELECT j.error FROM genworker.jobs j
+                                   WHERE j.task_id = t.id AND j.status = 'dead' LIMIT 1)
+                            ELSE t.error END
+          FROM unnest(p_task_ids, p_ok, p_dead, p_cancelled, p_input_tokens, p_output_tokens)
+               AS d(task_id, ok, dead, cancelled, input_tokens, output_tokens),
+               -- the row before this update: locked above, so this statement's snapshot is current
+               genworker.tasks was
+         WHERE t.id = d.task_id AND was.id = t.id
+        RETURNING t.id, t.status, t.tenant, was.status AS was_status
+    )
+    SELECT count(genworker.task_finished(u.id, u.status, u.tenant)) INTO v_n FROM upd u
+     WHERE u.status IN ('succeeded', 'failed', 'cancelled')
+       AND u.was_status NOT IN ('succeeded', 'failed', 'cancelled');
 END
 $$;
 
@@ -628,5 +651,38 @@ BEGIN
     SELECT sum(c) INTO v_n FROM unnest(v_counts) c;
     PERFORM pg_notify('genworker_jobs', '');
     RETURN v_n;
+END
+$$;
+
+-- ------------------------------------------------------------------ finish events
+
+-- Cancel a task, as in 0001 (same signature), and announce it on genworker_task_finished
+-- when this call is what finished it (not for a task already succeeded, failed or cancelled).
+CREATE OR REPLACE FUNCTION genworker.cancel_task(p_task_id bigint) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_status text; v_was text; v_tenant text; v_n integer;
+BEGIN
+    -- Jobs first, then the task: the same order as complete_jobs, so the two never deadlock.
+    WITH c AS (
+        UPDATE genworker.jobs SET status = 'cancelled', error = 'task cancelled', finished_at = now()
+         WHERE task_id = p_task_id AND status IN ('queued', 'scheduled')
+        RETURNING 1
+    ) SELECT count(*) INTO v_n FROM c;
+    -- locked before it is read: a complete_jobs finishing it meanwhile is seen, not overwritten
+    SELECT status, tenant INTO v_was, v_tenant FROM genworker.tasks WHERE id = p_task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no task %', p_task_id USING ERRCODE = 'GW010';
+    END IF;
+    UPDATE genworker.tasks
+       SET n_cancelled = n_cancelled + v_n,
+           status = CASE WHEN status IN ('succeeded', 'failed') THEN status ELSE 'cancelled' END,
+           finished_at = CASE WHEN status IN ('succeeded', 'failed') THEN finished_at
+                              ELSE coalesce(finished_at, now()) END
+     WHERE id = p_task_id
+    RETURNING status INTO v_status;
+    IF v_status = 'cancelled' AND v_was <> 'cancelled' THEN
+        PERFORM genworker.task_finished(p_task_id, v_status, v_tenant);
+    END IF;
+    RETURN v_status;
 END
 $$;
