@@ -5,7 +5,8 @@ Both can run inside a web app's own transaction (pass `conn=`), use its pool
 validation and the fan-out, so a submit from Python, the CLI or plain SQL
 behaves the same; Python only checks types first so the error names the
 argument. Each call is one round trip; the logic (parameters in, `TaskInfo`
-out) is written once, in `queue.tasks`, and shared by both clients.
+out) is written once, in `queue.tasks`, and shared by both clients. `wait`
+LISTENs for the task's NOTIFY on the connection it reads on, and polls anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from genworker.errors import GenworkerError, TaskNotFound
 from genworker.model import TaskId, TaskStatus
@@ -24,6 +26,7 @@ from genworker.queue import sql
 from genworker.queue.db import default_dsn, translated
 from genworker.queue.tasks import (
     FINISHED,
+    FINISHED_CHANNEL,
     JobInfo,
     Progress,
     TaskInfo,
@@ -100,9 +103,7 @@ class Client:
 
     def get(self, task_id: int, *, jobs: bool = False) -> TaskInfo:
         with self._conn() as c:
-            row = c.execute(sql.query("get_task"), {"task_id": task_id}).fetchone()
-            if row is None:
-                raise TaskNotFound(f"no task {task_id}")
+            row = _task_row(c, task_id)
             job_rows = (
                 c.execute(sql.query("task_jobs"), {"task_id": task_id}).fetchall() if jobs else ()
             )
@@ -120,16 +121,27 @@ class Client:
         task_id: int,
         *,
         timeout_s: float | None = None,
-        poll_s: float = 0.5,
+        poll_s: float | None = None,
         progress: Progress | None = None,
     ) -> TaskInfo:
-        """Block until the task finishes (or timeout_s passes: TimeoutError)."""
-        waiting = Waiting(task_id, timeout_s, progress)
-        while True:
-            info = self.get(task_id)
-            if waiting.over(info):
-                return info
-            time.sleep(poll_s)
+        """Block until the task finishes (or timeout_s passes: TimeoutError). Wakes on the
+        task's NOTIFY and reads it every poll_s anyway (default: 5 s while it listens, 0.5 s
+        with a progress callback or inside an app's transaction, where LISTEN hears nothing)."""
+        waiting = Waiting(task_id, timeout_s, progress, poll_s)
+        with self._conn() as c, _listening(c, own=self._given is None) as listening:
+            while True:
+                info = task_info(_task_row(c, task_id))
+                if listening:
+                    _idle(c)
+                if waiting.over(info):
+                    return info
+                if not listening:
+                    time.sleep(waiting.pause(listening))
+                    continue
+                with contextlib.closing(c.notifies(timeout=waiting.pause(listening))) as notes:
+                    for note in notes:
+                        if waiting.heard(note.payload):
+                            break
 
     def cancel(self, task_id: int) -> TaskStatus:
         return TaskStatus(self._one("cancel_task", {"task_id": task_id}))
@@ -147,6 +159,86 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _task_row(c: psycopg.Connection, task_id: int) -> Any:
+    row = c.execute(sql.query("get_task"), {"task_id": task_id}).fetchone()
+    if row is None:
+        raise TaskNotFound(f"no task {task_id}")
+    return row
+
+
+def _can_listen(c: psycopg.Connection | psycopg.AsyncConnection, own: bool) -> bool:
+    """A connection the client opened or took from a pool, or an app's connection idle in
+    autocommit: NOTIFY reaches a session between transactions, never inside one."""
+    return own or (c.autocommit and c.info.transaction_status == TransactionStatus.IDLE)
+
+
+_ALREADY_LISTENING = "SELECT %s = ANY (ARRAY(SELECT pg_listening_channels()))"
+
+
+def _idle(c: psycopg.Connection) -> None:
+    """End the transaction a pooled connection without autocommit opened (only on the
+    client's own connections): notifications wait for it."""
+    if not c.autocommit:
+        c.commit()
+
+
+@contextlib.contextmanager
+def _listening(c: psycopg.Connection, *, own: bool) -> Iterator[bool]:
+    """LISTEN on c for the length of a wait (True), or not at all (False: the wait polls).
+    An app's connection that already listens on the channel keeps its LISTEN after."""
+    if not _can_listen(c, own):
+        yield False
+        return
+    row = None if own else c.execute(_ALREADY_LISTENING, (FINISHED_CHANNEL,)).fetchone()
+    keep = bool(row and row[0])
+    if not keep:
+        c.execute(f"LISTEN {FINISHED_CHANNEL}")
+        _idle(c)
+    try:
+        yield True
+    finally:
+        if not keep and not c.closed:
+            if not c.autocommit:  # ours, holding reads only: also after an error or ^C
+                c.rollback()
+            c.execute(f"UNLISTEN {FINISHED_CHANNEL}")
+            _idle(c)
+
+
+async def _atask_row(c: psycopg.AsyncConnection, task_id: int) -> Any:
+    row = await (await c.execute(sql.query("get_task"), {"task_id": task_id})).fetchone()
+    if row is None:
+        raise TaskNotFound(f"no task {task_id}")
+    return row
+
+
+async def _aidle(c: psycopg.AsyncConnection) -> None:
+    if not c.autocommit:
+        await c.commit()
+
+
+@contextlib.asynccontextmanager
+async def _alistening(c: psycopg.AsyncConnection, *, own: bool) -> AsyncIterator[bool]:
+    """`_listening` for an async connection."""
+    if not _can_listen(c, own):
+        yield False
+        return
+    keep = False
+    if not own:
+        row = await (await c.execute(_ALREADY_LISTENING, (FINISHED_CHANNEL,))).fetchone()
+        keep = bool(row and row[0])
+    if not keep:
+        await c.execute(f"LISTEN {FINISHED_CHANNEL}")
+        await _aidle(c)
+    try:
+        yield True
+    finally:
+        if not keep and not c.closed:
+            if not c.autocommit:
+                await c.rollback()
+            await c.execute(f"UNLISTEN {FINISHED_CHANNEL}")
+            await _aidle(c)
 
 
 def _migrate_embedded(conn: psycopg.Connection) -> None:
@@ -213,9 +305,7 @@ class AsyncClient:
 
     async def get(self, task_id: int, *, jobs: bool = False) -> TaskInfo:
         async with self._conn() as c:
-            row = await (await c.execute(sql.query("get_task"), {"task_id": task_id})).fetchone()
-            if row is None:
-                raise TaskNotFound(f"no task {task_id}")
+            row = await _atask_row(c, task_id)
             job_rows: Sequence[Any] = ()
             if jobs:
                 job_rows = await (
@@ -235,15 +325,26 @@ class AsyncClient:
         task_id: int,
         *,
         timeout_s: float | None = None,
-        poll_s: float = 0.5,
+        poll_s: float | None = None,
         progress: Progress | None = None,
     ) -> TaskInfo:
-        waiting = Waiting(task_id, timeout_s, progress)
-        while True:
-            info = await self.get(task_id)
-            if waiting.over(info):
-                return info
-            await asyncio.sleep(poll_s)
+        """`Client.wait`, awaited."""
+        waiting = Waiting(task_id, timeout_s, progress, poll_s)
+        async with self._conn() as c, _alistening(c, own=self._given is None) as listening:
+            while True:
+                info = task_info(await _atask_row(c, task_id))
+                if listening:
+                    await _aidle(c)
+                if waiting.over(info):
+                    return info
+                if not listening:
+                    await asyncio.sleep(waiting.pause(listening))
+                    continue
+                notes = c.notifies(timeout=waiting.pause(listening))
+                async with contextlib.aclosing(notes):
+                    async for note in notes:
+                        if waiting.heard(note.payload):
+                            break
 
     async def cancel(self, task_id: int) -> TaskStatus:
         return TaskStatus(await self._one("cancel_task", {"task_id": task_id}))

@@ -29,6 +29,11 @@ _INT4_MIN, _INT4_MAX = -(2**31), 2**31 - 1
 
 FINISHED = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
+# NOTIFY'd in the transaction that finishes a task: {"task": id, "status": ..., "tenant": ...}
+FINISHED_CHANNEL = "genworker_task_finished"
+POLL_S = 0.5  # between a wait's readings when polling is all it has, or a progress bar moves
+FALLBACK_POLL_S = 5.0  # between readings while it listens: in case a notification is lost
+
 
 @dataclass(frozen=True)
 class JobInfo:
@@ -232,11 +237,15 @@ Progress = Callable[[TaskInfo], None]  # called with each reading while a client
 
 @dataclass
 class Waiting:
-    """One client's wait for a task, between its readings (the sync and async loops share it)."""
+    """One client's wait for a task, between its readings (the sync and async loops share it).
+
+    A reading follows a notification for this task on FINISHED_CHANNEL, or the poll interval:
+    `poll_s`, else POLL_S without LISTEN or with a progress callback, else FALLBACK_POLL_S."""
 
     task_id: int
     timeout_s: float | None
     progress: Progress | None = None
+    poll_s: float | None = None
     deadline: float | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -251,3 +260,21 @@ class Waiting:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise TimeoutError(f"task {self.task_id} not finished after {self.timeout_s:g}s")
         return False
+
+    def pause(self, listening: bool) -> float:
+        """Seconds until the next reading unless a notification comes first (never past the
+        deadline)."""
+        every = self.poll_s
+        if every is None:
+            every = POLL_S if self.progress is not None or not listening else FALLBACK_POLL_S
+        if self.deadline is not None:
+            every = min(every, max(0.0, self.deadline - time.monotonic()))
+        return every
+
+    def heard(self, payload: str) -> bool:
+        """Is this notification about our task? (Anyone may NOTIFY on the channel.)"""
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return False
+        return isinstance(event, dict) and event.get("task") == self.task_id
