@@ -18,6 +18,7 @@ from genworker.api import spool
 from genworker.api.openai import ImageHandler, make_session
 from genworker.config import Settings
 from genworker.model import Job, TransientError
+from genworker.sim.answers import tiny_png
 from genworker.sim.server import SimConfig, sim_of, start_sim
 
 
@@ -102,15 +103,22 @@ def test_a_store_still_failing_keeps_the_image_and_the_retry_makes_no_call(
     assert left == 0
 
 
-def test_a_first_attempt_never_reads_the_spool(tmp_path: Path) -> None:
+def test_a_job_released_back_to_attempt_one_still_finds_its_spooled_image(
+    tmp_path: Path,
+) -> None:
+    """A release (shutdown, a worker's death) or `retry --status dead` lowers the attempt
+    count: the kept bytes are found whatever it says, and no second call is made."""
     s = Settings(output_dir=tmp_path / "out", data_dir=tmp_path / "data")
-    spool.Spool([tmp_path / "data" / "spool"]).put(77, b"not even a png")
+    png = tiny_png(b"kept", 8)
+    spool.Spool([tmp_path / "data" / "spool"]).put(77, png)
 
-    async def scenario(url: str, sim: Any) -> dict[str, Any]:
-        await call(replace(s, api_url=url), job(1))
-        return sim.stats()
+    async def scenario(url: str, sim: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        result = await call(replace(s, api_url=url), job(1))
+        return result, sim.stats()
 
-    assert run(scenario)["total"] == 1
+    result, stats = run(scenario)
+    assert stats["total"] == 0
+    assert result["sha256"] == hashlib.sha256(png).hexdigest()
 
 
 def test_start_sweeps_spooled_images_kept_past_the_retention(tmp_path: Path) -> None:

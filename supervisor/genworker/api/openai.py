@@ -107,8 +107,9 @@ class ImageHandler:
         return body, headers
 
     async def __call__(self, job: Job, session: aiohttp.ClientSession) -> dict[str, Any]:
-        # only a retry can find bytes an earlier attempt kept (every claim counts an attempt)
-        kept = await asyncio.to_thread(self.spool.take, job.job_id) if job.attempt > 1 else None
+        # bytes an earlier attempt paid for and could not store (whatever the attempt count
+        # says: a release or a bulk requeue lowers it); one stat while no spool exists
+        kept = await asyncio.to_thread(self.spool.take, job.job_id) if self.spool.used() else None
         if kept is not None:  # paid for by an earlier attempt whose store failed
             data, path = kept
             result = await self._store(data, job)

@@ -70,6 +70,11 @@ class Spool:
     def of(cls, settings: Settings) -> Spool:
         return cls([settings.resolved_output_dir / ".spool", settings.resolved_data_dir / "spool"])
 
+    def used(self) -> bool:
+        """Has any spool directory been made (by any worker of this host)? One stat each:
+        cheap enough to ask before every job."""
+        return any(d.is_dir() for d in self.dirs)
+
     def sweep(self, older_than_s: float) -> int:
         """Delete what was kept longer than `older_than_s` (the retention: a job whose bytes
         waited that long died or was pruned; its retry will never come); returns how many."""
