@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -22,6 +21,7 @@ from genworker.node.dispatch import ClaimPause, Dispatcher
 from genworker.node.holdings import Done, Holder, Holdings
 from genworker.node.outage import ALARM as OUTAGE
 from genworker.node.outage import UNREACHABLE, ProviderWatch
+from genworker.node.sizing import ClaimSizer
 from genworker.node.stats import FeederStats
 from genworker.node.writer import OutcomeWriter
 from genworker.queue.cache import open_cache
@@ -29,33 +29,7 @@ from genworker.queue.store import Listener, Queue
 
 log = logging.getLogger("genworker.feeder")
 
-BUFFER_S = 0.05  # the buffer holds at least this much work at the recent completion rate
-MAX_BUFFER = 2000
-
 __all__ = ["DB_ERRORS", "Feeder", "FeederStats", "Holder"]
-
-
-class Rate:
-    """Events per second over the last ~second, cheap enough to call per batch."""
-
-    def __init__(self, window_s: float = 1.0) -> None:
-        self.window_s = window_s
-        self.start = time.monotonic()
-        self.count = 0
-        self.last = 0.0
-
-    def add(self, n: int) -> None:
-        now = time.monotonic()
-        if now - self.start >= self.window_s:
-            self.last = self.count / (now - self.start)
-            self.start, self.count = now, 0
-        self.count += n
-
-    def per_s(self) -> float:
-        elapsed = time.monotonic() - self.start
-        if elapsed >= 2 * self.window_s:
-            return 0.0
-        return max(self.last, self.count / max(elapsed, 1e-3) if elapsed > 0.1 else 0.0)
 
 
 class Feeder:
@@ -82,20 +56,19 @@ class Feeder:
         self.holdings = Holdings(holders)
         self.stats = FeederStats()
         self.writer = OutcomeWriter(settings, self.queue, self.db, self.holdings, self.stats)
-        self.rate = Rate()
         self.wake = asyncio.Event()  # claim: NOTIFY, poll timer, or slots freed
         self.claiming = True
         self.queue_empty = False
         self.pause = ClaimPause(self._pause_ended)
+        self.sizer = ClaimSizer(settings, holders, self.holdings, self.pause)
         self.dispatcher = Dispatcher(
             settings,
             self.holdings,
             self.pause,
-            share=self.inflight_share,
+            share=self.sizer.inflight_share,
             on_served=self.writer.add,
             running_low=self.wake.set,
         )
-        self.live_nodes = 1
         self.listener = Listener(dsn, self)  # type: ignore[arg-type]  # it calls .set()
 
     # ------------------------------------------------------------ lifecycle
@@ -124,6 +97,7 @@ class Feeder:
         self.writer.apply_settings(settings)
         self.dispatcher.apply_settings(settings)
         self.db.apply_settings(settings)
+        self.sizer.apply_settings(settings)
         if self.queue.kinds is not None:  # registered: a new --handler is claimed, published
             self.queue.set_kinds(settings.kinds)
 
@@ -134,7 +108,11 @@ class Feeder:
 
     def note_live_nodes(self, n: int) -> None:
         """How many nodes share the cluster's --api-max-inflight (from the heartbeat)."""
-        self.live_nodes = n
+        self.sizer.note_live_nodes(n)
+
+    @property
+    def live_nodes(self) -> int:
+        return self.sizer.live_nodes
 
     def probe_if_paused(self) -> None:
         """Paused for a bad key, which a reload may have fixed: probe it now."""
@@ -156,33 +134,6 @@ class Feeder:
         return {"buffer": h.waiting(), "workers": h.with_workers(), "writing": len(h.pending)}
 
     # ------------------------------------------------------------ claiming
-    def inflight_share(self) -> int | None:
-        """This node's share of the cluster's --api-max-inflight; None without one."""
-        cap = self.settings.api_max_inflight
-        return max(1, cap // max(1, self.live_nodes)) if cap else None
-
-    def capacity(self) -> tuple[int, int]:
-        """(free slots now, how many jobs the buffer should hold besides).
-
-        The buffer covers `prefetch` x the slots, or BUFFER_S of the recent completion
-        rate when that is more: fast jobs need deep buffers (and big claims), slow API
-        calls need a shallow one, so a newly arrived urgent job never queues behind
-        more than a moment of work.
-        """
-        free = total = held = 0
-        for h in self.holders():
-            f = h.free_slots()
-            free += f
-            held += len(h.jobs)
-            total += f + len(h.jobs)
-        share = self.inflight_share()
-        if share is not None:
-            free = max(0, min(free, share - held))
-        spare = max(
-            math.ceil(total * self.settings.prefetch), math.ceil(self.rate.per_s() * BUFFER_S)
-        )
-        return free, min(spare, MAX_BUFFER)
-
     async def claim_loop(self) -> None:
         """Claim whenever the buffer runs low and the queue may hold work.
 
@@ -199,7 +150,7 @@ class Feeder:
                 if self.give_back_buffer:
                     self.give_back_buffer = False
                     await self.release_buffer()  # no attempt spent: another node may run them
-                n = self._claim_size()
+                n = self.sizer.claim_size(self.queue_empty)
                 if n <= 0 or not self.claiming:
                     continue
                 try:
@@ -232,19 +183,6 @@ class Feeder:
                 self.stats.first_claim_at = time.monotonic()
             self.holdings.claimed(jobs)
             self.dispatch()
-
-    def _claim_size(self) -> int:
-        if self.queue_empty or self.pause.active():
-            return 0
-        free, spare = self.capacity()
-        held = len(self.holdings.buffer) + len(self.holdings.suspects)
-        if self.pause.probe:  # after a pause: one job at a time until one succeeds
-            return max(0, 1 - held - self.holdings.with_workers())
-        want = free + spare - held
-        # no dribbling: a claim is worth a round trip once a quarter of the target is gone
-        if want < max(1, min(self.settings.claim_batch, free + spare) // 4):
-            return 0
-        return min(want, self.settings.claim_batch)
 
     async def _poll(self) -> None:
         while True:
@@ -299,7 +237,7 @@ class Feeder:
                 shared, back = gate.settle(job, o)
                 done.extend((f, 1) for f in shared)
                 self.holdings.buffer.extendleft(reversed(back))
-        self.rate.add(len(outcomes))
+        self.sizer.rate.add(len(outcomes))
         self.writer.add(done)
         self.dispatch()
 
