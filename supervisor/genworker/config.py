@@ -274,7 +274,12 @@ class Settings:
         "hit's speed shows what they asked)",
         cmds=_API,
     )
-    handlers: tuple[str, ...] = _opt((), "extra job kinds as kind=pkg.module:func,...", cmds=_API)
+    handlers: tuple[str, ...] = _opt(
+        (),
+        "extra job kinds as kind=pkg.module:func,... (found on PYTHONPATH or installed, "
+        "never in the start directory)",
+        cmds=_API,
+    )
     # --- operations
     http: str = _opt("127.0.0.1:9464", "metrics/health address host:port ('' disables)", cmds=_RUN)
     alarms: str = _opt(

@@ -61,3 +61,21 @@ def test_a_job_error_raised_by_a_handler_is_scrubbed_too() -> None:
     assert "upstream refused" in out.error
     assert KEY not in out.error
     assert PASSWORD not in out.error
+
+
+def test_a_job_of_a_kind_this_worker_lacks_waits_without_spending_an_attempt() -> None:
+    """During a reload that adds a --handler, an old worker may be handed the new kind: the
+    job snoozes (no attempt) for a worker that has it, it does not die."""
+
+    async def scenario() -> Outcome:
+        mine, theirs = socket.socketpair()
+        with mine, theirs:
+            worker = Worker(0, 1, mine, Settings(concurrency=1), ch.SharedBlock(1), None)
+            worker.aimd, worker.handlers = Aimd(1), {}
+            return await worker._call(Job(8, 1, 1, 0, "resize", {"w": 10}, 1))
+
+    out = asyncio.run(scenario())
+    assert out.kind is OutcomeKind.SNOOZE
+    assert out.retry_after_s is not None
+    assert out.retry_after_s > 0
+    assert out.api_calls == 0

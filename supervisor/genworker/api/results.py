@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from genworker.procs import pid_alive
+
+log = logging.getLogger("genworker.results")
 
 MAX_FILE_BYTES = 32 * 1024 * 1024  # one image; also the cap on an API answer's body
 CHUNK_BYTES = 1024 * 1024
@@ -189,4 +192,6 @@ def remove_results(out_dir: Path, paths: list[str]) -> int:
             removed += 1
         except FileNotFoundError:
             pass
+        except OSError as e:  # one file we cannot delete must not stop the others (nor the node)
+            log.warning("cannot delete pruned result %s: %s", p, e.strerror)
     return removed

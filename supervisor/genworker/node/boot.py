@@ -51,8 +51,10 @@ log = logging.getLogger("genworker.start")
 MAX_SLOTS = 256  # shared-memory slots: the most workers one node can run (TTIN included)
 
 
-def check_settings(settings: Settings) -> None:
-    """Refuse settings that would only fail later, with one line each."""
+def check_settings(settings: Settings, *, reload: bool = False) -> None:
+    """Refuse settings that would only fail later, with one line each. On a reload the free
+    space is not asked: a disk running low (the low_disk alarm says so) must not stop an
+    operator from rotating a key."""
     parse_address(settings.http)
     try:
         parse_limits(settings.alarms)
@@ -69,7 +71,7 @@ def check_settings(settings: Settings) -> None:
         make_private_dir(out)  # tenants' images: 0700 when we create it
     except OSError as e:
         raise UsageError(f"cannot create --output-dir {out}: {e.strerror}") from None
-    check_output_dir(out, settings.min_free_disk_mb)
+    check_output_dir(out, 0 if reload else settings.min_free_disk_mb)
     check_provider(settings)
 
 
@@ -175,7 +177,8 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
     swept = sweep_temp_files(settings.resolved_output_dir)
     if swept:
         log.info("removed %d half-written result files of workers that were killed", swept)
-    stale = Spool.of(settings).sweep(settings.retention_s)
+    # never younger than a day: a job whose bytes wait may still be retried (--retention 0)
+    stale = Spool.of(settings).sweep(max(settings.retention_s, 86400.0))
     if stale:
         log.info("removed %d spooled images kept past --retention (their jobs are gone)", stale)
     http_socket, dsn = _preflight(settings, redactor)
@@ -195,7 +198,7 @@ def run_node(settings: Settings, reread_settings: Callable[[], Settings]) -> int
 
         def reload_settings() -> Settings:
             new = reread_settings()
-            check_settings(new)
+            check_settings(new, reload=True)
             if new.simulate != settings.simulate:
                 raise UsageError("--simulate changes only with a restart")
             return new.with_(api_url=settings.api_url) if new.simulate else new

@@ -32,6 +32,8 @@ from genworker.exits import EXIT_FAILED as EXIT_CRASH
 from genworker.logs import Redactor, node_secrets
 from genworker.model import Job, JobError, Outcome, OutcomeKind
 
+NO_HANDLER_WAIT_S = 5.0  # a job of a kind this worker lacks waits this long
+
 log = logging.getLogger("genworker.worker")
 
 HEARTBEAT_S = 0.25
@@ -234,11 +236,15 @@ class Worker:
     async def _call(self, job: Job) -> Outcome:
         handler = self.handlers.get(job.kind)
         if handler is None:
+            # not this worker's kind: during a reload that adds (or removes) a --handler,
+            # old and new workers run side by side. The job waits, without an attempt
+            # spent, for a worker that has it; the node claims only kinds it runs.
             return Outcome(
                 job.job_id,
                 job.token,
-                OutcomeKind.DEAD,
-                error=f"no handler for job kind {job.kind!r}",
+                OutcomeKind.SNOOZE,
+                error=f"no handler for job kind {job.kind!r} on this worker",
+                retry_after_s=NO_HANDLER_WAIT_S,
                 api_calls=0,
             )
         pace = self.paces.get(job.kind)
