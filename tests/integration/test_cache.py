@@ -56,9 +56,29 @@ def test_the_key_is_a_sha256_of_the_canonical_request_in_its_tenant() -> None:
         cache_key("https://api.example", "gpt-image-1", "a cat", "1024x1024", 1, "acme"),
         cache_key("https://api.example", "gpt-image-1", "a cat", "1024x1024", 0, "globex"),
         cache_key("https://api.example", "gpt-image-1", "a cat", "1024x1024", 0, SHARED),
+        # another option of the model is another image (a jpeg is not the png asked before)
+        cache_key(
+            "https://api.example",
+            "gpt-image-1",
+            "a cat",
+            "1024x1024",
+            0,
+            "acme",
+            {"output_format": "jpeg"},
+        ),
+        cache_key(
+            "https://api.example",
+            "gpt-image-1",
+            "a cat",
+            "1024x1024",
+            0,
+            "acme",
+            {"quality": "high"},
+        ),
     }
     assert k not in others
-    assert len(others) == 7
+    assert len(others) == 9
+    assert k == cache_key("https://api.example", "gpt-image-1", "a cat", "1024x1024", 0, "acme", {})
 
 
 def test_only_stored_results_are_cacheable() -> None:
@@ -244,3 +264,26 @@ def test_a_tampered_entry_is_a_miss(
     assert calls == (0 if tamper == "none" else 1)
     assert outcomes[0].result is not None
     assert outcomes[0].result["path"] != str(secret)
+
+
+def test_a_result_kept_in_memory_serves_twins_only_for_a_moment() -> None:
+    """Past RECENT_S the cache table answers (its TTL, its file checks), not the node's
+    memory of a result it may since have expired or pruned."""
+    import time
+
+    from genworker.config import Settings
+    from genworker.model import Job, Outcome
+    from genworker.node.dedupe import RECENT_S, CacheGate
+
+    gate = CacheGate(None, Settings(api_url="http://127.0.0.1:9"))  # type: ignore[arg-type]
+    image = {"path": "/results/x.png", "sha256": "0" * 64}
+    fresh = Job(1, 1, 10, 0, "image", {"prompt": "p"}, 1)
+    stale = Job(2, 1, 11, 0, "image", {"prompt": "q"}, 1)
+    gate.keys |= {fresh.job_id: "k-fresh", stale.job_id: "k-stale"}
+    gate.recent["k-fresh"] = (image, time.monotonic())
+    gate.recent["k-stale"] = (image, time.monotonic() - RECENT_S - 1)
+    served = gate.admit(fresh)
+    assert isinstance(served, Outcome)
+    assert served.result == {**image, "cached": True}
+    assert gate.admit(stale) is True  # dispatched: it leads its key again
+    assert "k-stale" not in gate.recent

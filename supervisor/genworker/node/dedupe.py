@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from genworker.config import Settings
+from genworker.contract import TASK_OPTIONS
 from genworker.model import Job, Outcome, OutcomeKind
 from genworker.queue.cache import SHARED, Cache, cache_key, is_cacheable
 
 log = logging.getLogger("genworker.cache")
 
 RECENT = 10_000  # results kept in memory for twins that reach dispatch after their leader
+RECENT_S = 60.0  # ... for this long: past it the cache itself (TTL, file checks) answers
 
 
 @dataclass
@@ -54,7 +57,9 @@ class CacheGate:
         self.leaders: dict[str, int] = {}  # request key -> job id of the one running it
         self.followers: dict[str, list[Job]] = {}  # request key -> jobs waiting for it
         self.to_store: dict[str, dict[str, Any]] = {}
-        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # key -> (result, when): a twin claimed just after its leader finished, before the
+        # result reached the cache table
+        self.recent: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self.stats = GateStats()
 
     def key(self, job: Job, tenant: str | None) -> str | None:
@@ -72,6 +77,7 @@ class CacheGate:
             str(p.get("size") or self.settings.size),
             job.idx,
             tenant,
+            {o: p[o] for o in TASK_OPTIONS if o in p},
         )
 
     async def _scopes(self, jobs: list[Job]) -> dict[int, str | None]:
@@ -132,7 +138,11 @@ class CacheGate:
         k = self.keys.get(job.job_id)
         if k is None:
             return True
-        if k in self.recent:
+        kept = self.recent.get(k)
+        if kept is not None and time.monotonic() - kept[1] > RECENT_S:
+            del self.recent[k]  # stale: the cache may have expired it, its file may be gone
+            kept = None
+        if kept is not None:
             del self.keys[job.job_id]
             self.stats.hits += 1
             self.stats.misses -= 1
@@ -140,7 +150,7 @@ class CacheGate:
                 job.job_id,
                 job.token,
                 OutcomeKind.OK,
-                {**self.recent[k], "cached": True},
+                {**kept[0], "cached": True},
                 api_calls=0,
             )
         if k in self.leaders and self.leaders[k] != job.job_id:
@@ -163,7 +173,7 @@ class CacheGate:
         image = {key: v for key, v in outcome.result.items() if key != "usage"}
         if is_cacheable(image):
             self.to_store[k] = image
-            self.recent[k] = image
+            self.recent[k] = (image, time.monotonic())
             if len(self.recent) > RECENT:
                 self.recent.popitem(last=False)
         for f in waiting:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -25,16 +26,23 @@ from psycopg_pool import AsyncConnectionPool
 from genworker.config import ConfigError, Settings
 from genworker.queue import sql
 
-KEY_VERSION = 2  # bump when the key's recipe changes, so old entries stop matching
+KEY_VERSION = 3  # bump when the key's recipe changes, so old entries stop matching
 PRUNE_BATCH = 1000
 SHARED = None  # the scope of a key shared by every tenant
 
 
 def cache_key(
-    provider_url: str, model: str, prompt: str, size: str, index: int, tenant: str | None
+    provider_url: str,
+    model: str,
+    prompt: str,
+    size: str,
+    index: int,
+    tenant: str | None,
+    options: Mapping[str, Any] | None = None,
 ) -> str:
     """sha256 hex of the canonical request within its scope (a tenant, or SHARED); the same
-    request of the same tenant always gives the same key."""
+    request of the same tenant always gives the same key. `options` are the model options
+    the task carries (quality, output_format, ...): another option is another image."""
     canonical = json.dumps(
         {
             "v": KEY_VERSION,
@@ -44,6 +52,7 @@ def cache_key(
             "size": size,
             "index": index,
             "tenant": tenant,
+            "options": dict(options or {}),
         },
         sort_keys=True,
         separators=(",", ":"),
