@@ -92,8 +92,19 @@ def test_a_schema_one_version_newer_and_compatible_is_accepted(
     conn: psycopg.Connection,
 ) -> None:
     _newer(conn, len(sql.migrations()))
+    # what the newer version wrote: a model this code does not know, its own settings
+    conn.execute(
+        "INSERT INTO genworker.image_models (name, max_prompt_chars, sizes, n_max)"
+        " VALUES ('gpt-image-2', 32000, '{auto}', 10)"
+    )
+    conn.execute("UPDATE genworker.settings SET value = '2048' WHERE key = 'max_params_bytes'")
     assert schema.migrate(conn, Settings()) == []
     schema.require_schema(conn)
+    # the older node left them as they were: it must not roll the newer nodes' contract back
+    models = {r[0] for r in conn.execute("SELECT name FROM genworker.image_models")}
+    assert "gpt-image-2" in models
+    row = conn.execute("SELECT value FROM genworker.settings WHERE key = 'max_params_bytes'")
+    assert row.fetchone() == (2048,)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ def migrate(conn: psycopg.Connection, settings: Settings | None = None) -> list[
     with translated(), conn.transaction():
         conn.execute(sql.query("migrate_lock"))
         conn.execute(sql.query("migrate_bootstrap"))
-        check_newer(conn)
+        newer = check_newer(conn)
         done = {row[0] for row in conn.execute(sql.query("applied_migrations"))}
         for mig in sql.migrations():
             if mig.version in done:
@@ -44,6 +44,10 @@ def migrate(conn: psycopg.Connection, settings: Settings | None = None) -> list[
                 {"version": mig.version, "name": mig.name, "compatible_with": mig.compatible_with},
             )
             applied.append(f"{mig.version:04d}_{mig.name}")
+        if newer:
+            # an older node in a rolling upgrade: the newer code owns the model table and
+            # the SQL-side settings; writing ours would roll them back under the new nodes
+            return applied
         sync_contract(conn)
         if settings is not None:
             sync_settings(conn, settings)
@@ -97,13 +101,14 @@ def schema_version(conn: psycopg.Connection) -> int | None:
     return row[0] if row else None
 
 
-def check_newer(conn: psycopg.Connection) -> None:
+def check_newer(conn: psycopg.Connection) -> bool:
     """Refuse a schema newer than this code unless it is one version newer and that
-    version is marked compatible with this one. (Needs the migrations table.)"""
+    version is marked compatible with this one; True when it is such a newer schema.
+    (Needs the migrations table.)"""
     want = len(sql.migrations())
     newer = conn.execute(sql.query("newer_migrations"), {"version": want}).fetchall()
     if not newer:
-        return
+        return False
     have, name, compatible_with = newer[-1]
     if len(newer) == 1 and compatible_with is not None and compatible_with <= want:
         log.warning(
@@ -113,7 +118,7 @@ def check_newer(conn: psycopg.Connection) -> None:
             name,
             want,
         )
-        return
+        return True
     why = (
         "more than one version ahead"
         if len(newer) > 1
