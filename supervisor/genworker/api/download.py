@@ -42,7 +42,10 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port past 65535 or not a number: no address we would reach
+        raise refused("bad redirect") from None
     return parts.scheme, parts.hostname, port
 
 
