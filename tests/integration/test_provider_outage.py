@@ -74,6 +74,11 @@ def test_an_outage_loses_no_task_spends_no_attempt_and_shows_on_readyz(
     finished_s = time.monotonic() - back_at
     assert status_counts(conn) == {"succeeded": 32}
     assert all(j["attempts"] == 1 for j in jobs(conn)), [j["attempts"] for j in jobs(conn)]
+    # paused and given back, not snoozing round and round: only the calls that found the
+    # outage (5 in a row) spent snooze budget; a job that
+    # kept snoozing through a long outage would pass --snooze-max and die
+    rows = conn.execute("SELECT snoozed_s FROM genworker.jobs WHERE snoozed_s > 0").fetchall()
+    assert len(rows) <= 5, rows
     tasks = conn.execute("SELECT status FROM genworker.tasks").fetchall()
     assert [s for (s,) in tasks] == ["succeeded", "succeeded"]
     wait_for(lambda: readyz(http_port)[0] == 200, "/readyz ready again", 10)

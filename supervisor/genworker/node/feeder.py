@@ -225,7 +225,10 @@ class Feeder:
             if job is None:
                 continue  # already given back (the worker was declared dead)
             if o.alarm == UNREACHABLE:
-                o = self._unreachable(o, job)
+                snoozed = self._unreachable(o, job)
+                if snoozed is None:
+                    continue  # given back with the buffer
+                o = snoozed
             elif o.alarm:
                 self.on_alarm(o.alarm, o.error or o.alarm)
             if o.kind is OutcomeKind.OK:
@@ -241,18 +244,23 @@ class Feeder:
         self.writer.add(done)
         self.dispatch()
 
-    def _unreachable(self, o: Outcome, job: Job) -> Outcome:
+    def _unreachable(self, o: Outcome, job: Job) -> Outcome | None:
         """A call that never reached the provider: the job snoozes (no attempt spent), and
         enough of them in a row are an outage (claims pause, the buffer goes back, then
-        one job at a time probes the provider)."""
+        one job at a time probes the provider). During an outage the job itself goes back
+        with the buffer (None): released, it spends neither an attempt nor the snooze
+        budget, so an outage of hours kills no job."""
         if self.provider.unreachable(job.kind):
             calls = self.provider.failures
             self.on_alarm(OUTAGE, f"{calls} calls in a row did not reach it: {o.error}")
-            self.give_back_buffer = True
-            self.wake.set()
-        if self.provider.down and not self.pause.active():
+        if not self.provider.down:
+            return o._replace(kind=OutcomeKind.SNOOZE, alarm=None)
+        if not self.pause.active():
             self.pause.start(self.provider.next_pause_s())
-        return o._replace(kind=OutcomeKind.SNOOZE, alarm=None)
+        self.holdings.buffer.append(job)  # no dispatch while paused: the claim loop releases it
+        self.give_back_buffer = True
+        self.wake.set()
+        return None
 
     # -------------------------------------------------------------- release
     async def release(self, held: Sequence[Job], reason: str | None) -> int:
