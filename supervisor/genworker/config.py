@@ -375,7 +375,7 @@ def display_value(name: str, value: Any) -> str:
     """A value fit to print: secrets masked."""
     if value is None:
         return ""
-    if name == "database_url":
+    if name in ("database_url", "cache"):  # a Redis URL may carry a password too
         return mask_dsn(str(value))
     if FIELDS[name].metadata.get("secret"):
         return "***"

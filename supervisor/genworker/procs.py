@@ -24,7 +24,7 @@ def pid_alive(pid: int) -> bool:
 # not inherit: workers get the API key in their settings, over the control socket, and no
 # child of ours talks to the database.
 CHILD_SECRETS = frozenset(
-    {"DATABASE_URL", "GENWORKER_DATABASE_URL", "OPENAI_API_KEY", "PGPASSWORD"}
+    {"DATABASE_URL", "GENWORKER_DATABASE_URL", "GENWORKER_CACHE", "OPENAI_API_KEY", "PGPASSWORD"}
 )
 
 

@@ -141,3 +141,15 @@ def test_roots_default_data_dir_is_not_under_its_closed_home(
     monkeypatch.setenv("XDG_DATA_HOME", "/srv/xdg")
     monkeypatch.setattr(config.os, "geteuid", lambda: 0)
     assert build({}, {})[0].resolved_data_dir == Path("/srv/xdg/genworker")
+
+
+def test_a_cache_url_with_a_password_is_masked_and_kept_from_children() -> None:
+    from genworker.config import display_value
+    from genworker.procs import child_environ
+
+    shown = display_value("cache", "redis://:s3cret-redis@cache.internal:6379/0")
+    assert "s3cret-redis" not in shown
+    assert "cache.internal" in shown
+    assert display_value("cache", "postgres") == "postgres"
+    env = child_environ({"GENWORKER_CACHE": "redis://:s3cret-redis@h/0", "PATH": "/bin"})
+    assert env == {"PATH": "/bin"}

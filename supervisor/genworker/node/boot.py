@@ -256,7 +256,11 @@ def setup_logging(settings: Settings) -> Redactor:
     for handler in list(root.handlers):  # the CLI's basicConfig: its lines would not be redacted
         root.removeHandler(handler)
     fmt: Literal["human", "json"] = "json" if settings.log_format == "json" else "human"
-    secrets = [settings.resolved_api_key(), dsn_password(settings.database_url)]
+    secrets = [
+        settings.resolved_api_key(),
+        dsn_password(settings.database_url),
+        dsn_password(settings.cache),  # redis://:password@host
+    ]
     redactor = logs.setup_logging(settings.log_level, fmt, secrets)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return redactor

@@ -65,8 +65,8 @@ class ZygoteHandle:
         socket.send_fds(self.sock, [msg], [channel_fd])
 
     def send_settings(self, settings: Settings) -> None:
-        # the workers hold no database connection: they get no DSN (nor its password)
-        self.sock.send(pickle.dumps(("settings", settings.with_(database_url=None))))
+        # the workers hold no database or cache connection: no DSN nor cache URL (passwords)
+        self.sock.send(pickle.dumps(("settings", settings.with_(database_url=None, cache=None))))
 
     def close(self) -> None:
         self.sock.close()
