@@ -105,6 +105,25 @@ def test_the_model_defaults_to_the_model_setting(conn: psycopg.Connection) -> No
     assert counts(conn) == (1, 2)
 
 
+def test_the_model_a_task_was_checked_against_is_written_into_it(
+    conn: psycopg.Connection,
+) -> None:
+    """A node sends the task's own model, whatever its --model: the one submit checked."""
+    schema.sync_settings(conn, Settings(model="dall-e-2"))
+    params = {"prompt": "a fox", "size": "512x512"}
+    first = submit_sql(conn, "free", params, "acme", "image", "order-7")[0]
+    row = conn.execute("SELECT params FROM genworker.tasks WHERE id = %s", (first,)).fetchone()
+    assert row == ({**params, "model": "dall-e-2"},)
+    # the same request again, with the key, is the same task (with the model or without)
+    assert submit_sql(conn, "free", params, "acme", "image", "order-7")[0] == first
+    pinned = {**params, "model": "dall-e-2"}
+    assert submit_sql(conn, "free", pinned, "acme", "image", "order-7")[0] == first
+    # a node migrated with another --model since: the task keeps the model it was checked for
+    schema.sync_settings(conn, Settings(model="gpt-image-1"))
+    row = conn.execute("SELECT params ->> 'model' FROM genworker.tasks WHERE id = %s", (first,))
+    assert row.fetchone() == ("dall-e-2",)
+
+
 def test_the_prompt_limit_is_the_smaller_of_the_setting_and_the_model(
     conn: psycopg.Connection,
 ) -> None:

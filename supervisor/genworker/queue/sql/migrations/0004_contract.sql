@@ -191,6 +191,7 @@ DECLARE
     v_id        bigint;
     v_first     record;
     v_differs   text;
+    v_given     jsonb;
     v_now       timestamptz := now();
 BEGIN
     IF p_tenant IS NULL OR p_tenant !~ '^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$' THEN
@@ -224,6 +225,16 @@ BEGIN
         RAISE EXCEPTION 'invalid n %: plan % allows 1 to % images', v_n, v_plan.name, v_plan.images
             USING ERRCODE = 'GW005';
     END IF;
+    -- The model the task was checked against is the one its jobs ask for: written into its
+    -- params, so a node's own --model (which may differ from the default_model of whoever
+    -- migrated last) never sends it to another model.
+    v_given := p_params;
+    IF p_kind = 'image' AND NOT p_params ? 'model' THEN
+        p_params := p_params || coalesce((SELECT jsonb_build_object('model', value)
+                                            FROM genworker.settings
+                                           WHERE key = 'default_model'
+                                             AND jsonb_typeof(value) = 'string'), '{}');
+    END IF;
     IF p_idempotency_key IS NOT NULL THEN
         IF char_length(p_idempotency_key) NOT BETWEEN 1 AND 200 THEN
             RAISE EXCEPTION 'invalid idempotency key: use 1-200 characters' USING ERRCODE = 'GW006';
@@ -237,7 +248,7 @@ BEGIN
             v_differs := CASE WHEN v_first.plan <> v_plan.name THEN 'plan'
                               WHEN v_first.kind <> p_kind THEN 'kind'
                               WHEN v_first.n_jobs <> v_n THEN 'n'
-                              WHEN v_first.params <> p_params THEN 'params' END;
+                              WHEN v_first.params NOT IN (p_params, v_given) THEN 'params' END;
             IF v_differs IS NOT NULL THEN
                 RAISE EXCEPTION 'idempotency key % was first used for task % with another %: send the same request again, or use a new key',
                     to_json(left(p_idempotency_key, 80))::text, v_first.id, v_differs
