@@ -158,10 +158,6 @@ UPDATE genworker.nodes SET status = 'stopped', heartbeat_at = now() WHERE id = %
 -- Requeue expired leases and mark silent nodes dead (safe from every node at once).
 SELECT requeued, dead_jobs, dead_nodes FROM genworker.reap(%(node_stale_s)s, %(max_deaths)s)
 
--- prune --
--- Delete finished tasks older than the retention, in one small batch.
-SELECT genworker.prune(%(older_than_s)s, %(limit)s) AS pruned
-
 -- cancel_task --
 -- Cancel a task; returns its status afterwards.
 SELECT genworker.cancel_task(%(task_id)s) AS status
